@@ -1,0 +1,247 @@
+/* runtime.h — the one public header of the runtime layer.
+ *
+ * What lives here: status codes, tensors and dtypes, safetensors checkpoints (mmapped, validated),
+ * model configuration (config.json, generation_config.json), CPU kernels with run-time dispatch,
+ * the Qwen2 decoder (M-RoPE or 1-D RoPE), the paged KV cache, sampling, and the batched engine
+ * that the server's scheduler and `vlmd generate` drive.
+ *
+ * What does not: HTTP, OpenAI JSON, image files, tokenizers. vision/ builds on this header
+ * (tensors, kernels, checkpoint access); server/ drives the engine.
+ *
+ * Threading contract: a vlm_model is read-only after vlm_model_load and may be shared by any
+ * thread. A vlm_engine is owned by one thread (the engine thread); every vlm_engine_* call
+ * comes from that thread. Kernels parallelise internally with OpenMP (vlm_cpu_init sets threads).
+ */
+#ifndef VLM_RUNTIME_H
+#define VLM_RUNTIME_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- status ------------------------------------------------------------------------------
+ * Expected failures return one of these and write a human message into the caller's buffer.
+ * server/ maps each to an HTTP status in one table. */
+typedef enum {
+    VLM_OK = 0,
+    VLM_E_INVALID,     /* a bad argument or bad user input (HTTP 400) */
+    VLM_E_IO,          /* file missing or unreadable */
+    VLM_E_FORMAT,      /* malformed checkpoint, config, image or fixture */
+    VLM_E_UNSUPPORTED, /* well-formed but not something vlmd implements */
+    VLM_E_NOMEM,       /* allocation failed */
+    VLM_E_LIMIT,       /* exceeds a configured limit (pixels, tokens, context) */
+    VLM_E_CAPACITY,    /* engine cannot take more now (KV pages, sequences) */
+    VLM_E_CANCELLED,
+    VLM_E_INTERNAL,
+} vlm_status;
+
+const char *vlm_status_name(vlm_status s);
+
+/* Broken invariants (never user input) abort with the location and the condition. */
+#define VLM_ASSERT(cond)                                                                      \
+    do {                                                                                      \
+        if (!(cond)) vlm_abort(__FILE__, __LINE__, #cond);                                    \
+    } while (0)
+_Noreturn void vlm_abort(const char *file, int line, const char *what);
+
+/* Writes a formatted message into (buf, len) when buf is non-NULL; returns st for chaining:
+ *   return vlm_errf(err, errlen, VLM_E_FORMAT, "tensor %s: offsets past end", name); */
+vlm_status vlm_errf(char *buf, size_t len, vlm_status st, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* ---- tensors ------------------------------------------------------------------------------ */
+typedef enum { VLM_F32 = 0, VLM_BF16, VLM_F16, VLM_I32, VLM_I64, VLM_U8, VLM_DTYPE_COUNT } vlm_dtype;
+
+size_t vlm_dtype_size(vlm_dtype t);
+const char *vlm_dtype_name(vlm_dtype t);
+
+#define VLM_MAX_DIMS 6
+typedef struct {
+    vlm_dtype dtype;
+    int ndim;
+    int64_t shape[VLM_MAX_DIMS];
+    void *data;    /* row-major, last dimension fastest; points into an mmap for checkpoint tensors */
+    size_t nbytes;
+} vlm_tensor;
+
+int64_t vlm_tensor_numel(const vlm_tensor *t);
+
+static inline float vlm_bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+/* Round-to-nearest-even, as torch's .to(torch.bfloat16). */
+uint16_t vlm_f32_to_bf16(float f);
+float vlm_f16_to_f32(uint16_t h);
+
+/* ---- safetensors checkpoints --------------------------------------------------------------
+ * Opens a single file or a directory (model.safetensors, or model.safetensors.index.json with its
+ * shards). Every header is validated (size, offsets inside the file, shape x itemsize == bytes, no
+ * overlap, no duplicates) before anything is trusted; data is mmapped read-only. */
+typedef struct vlm_ckpt vlm_ckpt;
+vlm_status vlm_ckpt_open(const char *path, vlm_ckpt **out, char *err, size_t errlen);
+const vlm_tensor *vlm_ckpt_find(const vlm_ckpt *c, const char *name); /* NULL when absent */
+size_t vlm_ckpt_count(const vlm_ckpt *c);
+const char *vlm_ckpt_name_at(const vlm_ckpt *c, size_t i);
+void vlm_ckpt_close(vlm_ckpt *c);
+
+/* ---- model configuration ------------------------------------------------------------------ */
+typedef enum { VLM_ARCH_QWEN2 = 0, VLM_ARCH_QWEN2_VL, VLM_ARCH_NVLM_D } vlm_arch;
+
+typedef struct {
+    int depth, embed_dim, num_heads, mlp_hidden, in_channels;
+    int patch_size, temporal_patch_size, spatial_merge_size;
+    int out_hidden;          /* merger output width == decoder hidden */
+    char hidden_act[32];     /* "quick_gelu" */
+} vlm_vision_config;
+
+typedef struct {
+    vlm_arch arch;
+    int hidden, intermediate, n_layers, n_heads, n_kv_heads, head_dim, vocab;
+    float rms_eps, rope_theta;
+    int mrope_section[3];    /* {0,0,0} for 1-D RoPE */
+    int max_position;
+    bool tie_embeddings;
+    int32_t bos_id, image_token_id, video_token_id, vision_start_id, vision_end_id;
+    int32_t eos_ids[4];
+    int n_eos;
+    vlm_dtype weight_dtype;  /* dtype the decoder weights are stored in */
+    bool has_vision;
+    vlm_vision_config vision;
+    /* image preprocessing from preprocessor_config.json (class defaults when absent) */
+    int64_t min_pixels, max_pixels;
+    float image_mean[3], image_std[3];
+} vlm_model_config;
+
+/* generation_config.json defaults (fields absent in the file keep "unset" values: temperature < 0). */
+typedef struct {
+    float temperature, top_p, min_p, repetition_penalty;
+    int top_k;
+    bool do_sample;
+} vlm_gen_defaults;
+
+/* ---- model -------------------------------------------------------------------------------- */
+typedef struct vlm_model vlm_model;
+
+typedef struct {
+    int threads;         /* 0: all online cores */
+    bool convert_f32;    /* store decoder weights as f32 (exactness tests); default keeps file dtype */
+} vlm_load_opts;
+
+vlm_status vlm_model_load(const char *dir, const vlm_load_opts *opts, vlm_model **out,
+                          char *err, size_t errlen);
+void vlm_model_free(vlm_model *m);
+const vlm_model_config *vlm_model_cfg(const vlm_model *m);
+const vlm_gen_defaults *vlm_model_gen_defaults(const vlm_model *m);
+const vlm_ckpt *vlm_model_ckpt(const vlm_model *m); /* for vision/ to find its tensors */
+const char *vlm_model_dir(const vlm_model *m);
+
+/* ---- CPU kernels (run-time dispatch on CPU features) --------------------------------------- */
+void vlm_cpu_init(int threads);       /* idempotent; threads <= 0 means all cores */
+int vlm_cpu_threads(void);
+const char *vlm_cpu_describe(void);   /* "Intel Xeon ...; path=avx512f" */
+
+/* y[n, m] = x[n, k] · W[m, k]^T (+ bias[m]); W in F32, BF16 or F16, bias F32/BF16 or NULL. */
+void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const vlm_tensor *bias,
+                float *y);
+
+/* ---- sampling ----------------------------------------------------------------------------- */
+typedef struct {
+    float temperature;        /* 0 => greedy */
+    float top_p;              /* 1 => off */
+    int top_k;                /* 0 => off */
+    float min_p;              /* 0 => off */
+    float repetition_penalty; /* 1 => off; HF semantics over prompt + generated ids */
+    float presence_penalty, frequency_penalty; /* OpenAI semantics over generated ids */
+    uint64_t seed;
+    int top_logprobs;         /* 0..20 alternatives reported per token */
+    bool logprobs;            /* report the chosen token's logprob */
+} vlm_sampling;
+
+void vlm_sampling_default(vlm_sampling *s); /* greedy, all filters off */
+
+/* ---- engine: continuous batching over a paged KV cache -------------------------------------- */
+typedef struct vlm_engine vlm_engine;
+
+typedef struct {
+    int threads;
+    int64_t kv_memory_bytes;  /* KV page pool size; 0 => a default sized from the model */
+    int max_seqs;             /* most sequences resident at once */
+    int max_batch_tokens;     /* tokens per step (prefill chunk + decode tokens) */
+    int page_tokens;          /* tokens per KV page; 0 => 16 */
+} vlm_engine_opts;
+
+vlm_status vlm_engine_create(vlm_model *m, const vlm_engine_opts *opts, vlm_engine **out,
+                             char *err, size_t errlen);
+void vlm_engine_free(vlm_engine *e);
+
+/* One image already encoded by vision/: rows of embeddings that replace its pad tokens. */
+typedef struct {
+    int32_t grid_thw[3];      /* in patches, before merging (Qwen2-VL); NVLM: {1, tiles*16, 16} */
+    const float *embeds;      /* [n_tokens, hidden]; copied by vlm_engine_add */
+    int64_t n_tokens;         /* must equal the number of pad tokens this image owns */
+} vlm_image_embeds;
+
+typedef struct {
+    const int32_t *prompt;    /* token ids, pads already expanded */
+    int64_t n_prompt;
+    const vlm_image_embeds *images; /* in order of appearance in the prompt */
+    int n_images;
+    vlm_sampling sampling;
+    int max_tokens;           /* new tokens at most */
+    bool ignore_eos;
+    const int32_t *stop_ids;  /* extra stop token ids (besides the model's eos unless ignore_eos) */
+    int n_stop_ids;
+    bool want_logits;         /* keep this step's full logits readable by vlm_engine_logits */
+} vlm_seq_desc;
+
+/* Validates and queues a sequence (copies everything it needs). VLM_E_LIMIT when prompt +
+ * max_tokens cannot fit the context or the whole KV pool; VLM_E_CAPACITY never here. */
+vlm_status vlm_engine_add(vlm_engine *e, const vlm_seq_desc *d, uint64_t *seq_id,
+                          char *err, size_t errlen);
+/* Marks a sequence cancelled; it leaves at the next step with finish VLM_FINISH_CANCELLED. */
+void vlm_engine_cancel(vlm_engine *e, uint64_t seq_id);
+
+typedef enum {
+    VLM_FINISH_NONE = 0, VLM_FINISH_STOP, VLM_FINISH_LENGTH, VLM_FINISH_CANCELLED, VLM_FINISH_ERROR
+} vlm_finish;
+
+#define VLM_MAX_TOP_LOGPROBS 20
+typedef struct {
+    uint64_t seq_id;
+    int32_t token;            /* -1 when the event only reports a finish without a token */
+    float logprob;            /* of the chosen token under the unfiltered softmax */
+    int n_top;
+    int32_t top_ids[VLM_MAX_TOP_LOGPROBS];
+    float top_logprobs[VLM_MAX_TOP_LOGPROBS];
+    vlm_finish finish;        /* set on the event that ends the sequence */
+    int64_t n_prompt;         /* prompt tokens (for usage) */
+} vlm_token_event;
+
+/* Runs one batched forward over the resident sequences (prefill chunks and decode tokens
+ * together), samples, and writes up to max_events events. Returns the number written; 0 when
+ * there was nothing to do. Sequences whose pages run out are preempted and resumed later. */
+int vlm_engine_step(vlm_engine *e, vlm_token_event *ev, int max_events);
+int vlm_engine_active(const vlm_engine *e);   /* queued + running sequences */
+/* Full logits [vocab] of the last step for a sequence added with want_logits (NULL otherwise). */
+const float *vlm_engine_logits(const vlm_engine *e, uint64_t seq_id);
+
+typedef struct {
+    int64_t kv_pages_total, kv_pages_used, page_tokens;
+    int running, waiting, preempted_total;
+} vlm_engine_stats;
+void vlm_engine_get_stats(const vlm_engine *e, vlm_engine_stats *s);
+
+/* M-RoPE positions (SPEC §C.2): pos is [3][n] (t, h, w streams); returns rope_delta. Exposed for
+ * tests and for chunked prefill. grids: n_images x {t,h,w} in patches; merge = spatial merge. */
+int64_t vlm_rope_index(const vlm_model_config *cfg, const int32_t *ids, int64_t n,
+                       const int32_t (*grids)[3], int n_grids, int64_t *pos);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,77 @@
+/* vision.h — the one public header of the vision layer.
+ *
+ * Image bytes -> RGB (limits checked from the header, before the full decode) -> Qwen2-VL
+ * preprocessing (smart_resize, PIL-compatible bicubic, CLIP normalisation, patch flattening in the
+ * reference order) -> the Qwen2-VL vision transformer -> embeddings for the <|image_pad|> slots.
+ * Knows nothing of HTTP or JSON; uses runtime/ for status codes, tensors, kernels and weights.
+ */
+#ifndef VLM_VISION_H
+#define VLM_VISION_H
+
+#include "runtime/runtime.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    int64_t max_width, max_height; /* per side */
+    int64_t max_pixels;            /* width * height of the decoded image */
+    double max_aspect;             /* long side / short side; Qwen2-VL refuses > 200 */
+    size_t max_bytes;              /* encoded size */
+} vlm_img_limits;
+
+void vlm_img_limits_default(vlm_img_limits *l); /* 16384 px sides, 64 Mpx, aspect 200, 32 MiB */
+
+typedef struct {
+    int width, height;
+    uint8_t *rgb; /* [height][width][3], owned */
+} vlm_image;
+
+/* PNG, JPEG, BMP, GIF (first frame) via stb_image, WebP via libwebp. Alpha is dropped (HF's
+ * slow-path convert("RGB") behaviour). Dimensions are checked against the limits from the header
+ * before pixels are decoded. VLM_E_FORMAT for corrupt data, VLM_E_LIMIT for limit violations. */
+vlm_status vlm_img_decode(const uint8_t *bytes, size_t n, const vlm_img_limits *lim, vlm_image *out,
+                          char *err, size_t errlen);
+vlm_status vlm_img_load_file(const char *path, const vlm_img_limits *lim, vlm_image *out,
+                             char *err, size_t errlen);
+void vlm_img_free(vlm_image *img);
+
+/* Qwen2-VL smart_resize (SPEC §E.2): factor 28, Python round-half-even, min/max pixel budget. */
+vlm_status vlm_qwen_smart_resize(int64_t h, int64_t w, int factor, int64_t min_pixels,
+                                 int64_t max_pixels, int64_t *out_h, int64_t *out_w,
+                                 char *err, size_t errlen);
+
+/* PIL Image.resize(BICUBIC) on uint8 RGB, bit-compatible with Pillow's fixed-point resampler. */
+vlm_status vlm_img_resize_bicubic(const vlm_image *src, int out_w, int out_h, vlm_image *dst);
+
+/* Per-call preprocessing overrides; 0 means "use the model's preprocessor_config value". */
+typedef struct {
+    int64_t min_pixels, max_pixels;
+} vlm_pp_opts;
+
+/* One preprocessed image: pixel_values [n_patches, C*T*P*P] in the HF row order, plus its grid. */
+typedef struct {
+    float *pixel_values;
+    int64_t n_patches, patch_dim;
+    int32_t grid_thw[3];
+    int64_t n_tokens; /* merged tokens = t*h*w / merge^2 */
+} vlm_pixels;
+
+vlm_status vlm_qwen_preprocess(const vlm_model_config *cfg, const vlm_image *img,
+                               const vlm_pp_opts *opts, vlm_pixels *out, char *err, size_t errlen);
+void vlm_pixels_free(vlm_pixels *p);
+
+/* The Qwen2-VL vision transformer + PatchMerger. Weights are read from the model's checkpoint
+ * (both `visual.*` and `model.visual.*` namings). Read-only after load; encode is re-entrant. */
+typedef struct vlm_vit vlm_vit;
+vlm_status vlm_vit_load(const vlm_model *m, vlm_vit **out, char *err, size_t errlen);
+void vlm_vit_free(vlm_vit *v);
+/* out: [px->n_tokens, cfg->vision.out_hidden], caller-allocated. */
+vlm_status vlm_vit_encode(const vlm_vit *v, const vlm_pixels *px, float *out, char *err,
+                          size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

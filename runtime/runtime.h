@@ -149,6 +149,11 @@ const char *vlm_cpu_describe(void);   /* "Intel Xeon ...; path=avx512f" */
 void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const vlm_tensor *bias,
                 float *y);
 
+/* C[m, n] = A[m, k] · op(B) (+ beta·C) with op(B) = B[n, k]^T when b_trans, else B[k, n]; all f32,
+ * row-major with leading dimensions. For attention scores/values and other activation products. */
+void vlm_gemm_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b,
+                  int64_t ldb, bool b_trans, float beta, float *c, int64_t ldc);
+
 /* ---- sampling ----------------------------------------------------------------------------- */
 typedef struct {
     float temperature;        /* 0 => greedy */

@@ -403,7 +403,10 @@ def resolve_spec(name, dtype=None):
 
 
 def stamp_of(name, spec):
-    return hashlib.sha256(json.dumps([GENERATOR_VERSION, name, spec], sort_keys=True).encode()).hexdigest()
+    # Covers the spec and this script's own text, so any edit of the generator regenerates the models.
+    with open(os.path.abspath(__file__), "rb") as f:
+        src = hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(json.dumps([GENERATOR_VERSION, name, spec, src], sort_keys=True).encode()).hexdigest()
 
 
 def model_files(spec):

@@ -80,7 +80,7 @@ def _vision(depth, embed_dim, num_heads, mlp_ratio):
 # "new" = nested text_config/vision_config + rope_parameters + model.language_model.* / model.visual.*.
 MODELS = {
     "tiny-f32-tied": {
-        "seed": 1001, "dtype": "f32", "tied": True, "layout": "old", "shards": 1,
+        "seed": 1061, "dtype": "f32", "tied": True, "layout": "old", "shards": 1,
         "text": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128,
                  "mrope_section": [2, 3, 3], "vocab": 151936},
         "vision": _vision(2, 32, 2, 2),

@@ -1,0 +1,498 @@
+#!/usr/bin/env python3
+"""make_fixtures.py — runs the Hugging Face reference (torch + transformers, CPU, eager attention) on the
+make_model.py test checkpoints and writes the committed fixtures vlmd's tests compare against.
+
+Developer tool, not run by CI (needs torch + transformers; CI has numpy only). Writes:
+  tests/data/images/*                      deterministic synthetic test images (+ one RGBA PNG, one JPEG and
+                                           its PIL-decoded RGB as PNG)
+  tests/fixtures/qwen2vl/<model>/<case>/   case.json, logits0.npy, [pixel_values.npy, image_embeds.npy],
+                                           [logits0_f32ref.npy for bf16 models]
+  tests/fixtures/qwen2vl/smart_resize.json reference smart_resize outputs / errors
+  tests/fixtures/qwen2vl/rope_index.json   reference get_rope_index results
+  tests/fixtures/qwen2vl/summary.json      measured facts (min top-2 gaps, bf16-vs-f32 reference diffs)
+
+Usage: python3 tools/make_fixtures.py [--models a,b] [--cases x,y] [--models-dir /tmp/dir]
+The checkpoints are regenerated through make_model.write_model (same bytes as CI's copies).
+Image preprocessing uses transformers' PIL image processor (Qwen2VLImageProcessorPil, the "slow" path that
+vlmd implements, SPEC §E.6), never the torchvision one.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import warnings
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import make_model  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLProcessor  # noqa: E402
+from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil_ip  # noqa: E402
+
+torch.set_num_threads(1)  # the machine is shared
+warnings.filterwarnings("ignore", category=FutureWarning)
+transformers.logging.set_verbosity_error()
+
+IMG_DIR = os.path.join(ROOT, "tests", "data", "images")
+FIX_DIR = os.path.join(ROOT, "tests", "fixtures", "qwen2vl")
+IMG_REL = "tests/data/images/"
+N_GREEDY = 32
+PV_INDEX = {}  # sha256 of pixel_values (f32 bytes) -> repository-relative .npy path already written
+
+
+def index_pixel_values():
+    for dirpath, _, files in os.walk(FIX_DIR):
+        if "pixel_values.npy" in files:
+            p = os.path.join(dirpath, "pixel_values.npy")
+            a = np.ascontiguousarray(np.load(p).astype(np.float32))
+            PV_INDEX[hashlib.sha256(a.tobytes()).hexdigest()] = os.path.relpath(p, ROOT)
+
+
+def check_pixel_value_refs():
+    for dirpath, _, files in os.walk(FIX_DIR):
+        if "case.json" not in files:
+            continue
+        cj = json.load(open(os.path.join(dirpath, "case.json")))
+        pv = cj.get("pixel_values")
+        if pv:
+            a = np.ascontiguousarray(np.load(os.path.join(ROOT, pv["file"])).astype(np.float32))
+            if hashlib.sha256(a.tobytes()).hexdigest() != pv["sha256_f32"]:
+                raise RuntimeError(f"{dirpath}: pixel_values file {pv['file']} is stale; regenerate all models")
+IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 151655, 151656, 151652, 151653
+
+# ----------------------------------------------------------------------------------------------------
+# Test images: gradients + filled shapes + noise, so that resampling actually changes values.
+
+IMAGES = {
+    # name: (width, height, seed, mode)
+    "grad_224.png": (224, 224, 11, "RGB"),
+    "grad_112.png": (112, 112, 12, "RGB"),
+    "odd_150x97.png": (150, 97, 13, "RGB"),
+    "tiny_40x30.png": (40, 30, 14, "RGB"),
+    "wide_200x60.png": (200, 60, 15, "RGB"),
+    "rgba_64x48.png": (64, 48, 16, "RGBA"),
+    "photo_112x84.jpg": (112, 84, 17, "RGB"),
+}
+JPEG_DECODED = "photo_112x84.jpg.rgb.png"  # PIL's decode of the JPEG, for resizer tests from decoded RGB
+
+
+def synth_image(w, h, seed, mode):
+    rng = np.random.Generator(np.random.PCG64(seed))
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = np.zeros((h, w, 3))
+    for c in range(3):
+        a, b, ph = rng.random(3)
+        img[..., c] = 255 * (0.5 + 0.25 * np.sin(2 * math.pi * (a * x / w + b * y / h) * 2 + 6 * ph)
+                             + 0.2 * (x / w if c != 1 else y / h))
+    for _ in range(4):  # circles
+        cx, cy, r = rng.random() * w, rng.random() * h, (0.1 + 0.25 * rng.random()) * min(w, h)
+        col = rng.random(3) * 255
+        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = col
+    for _ in range(3):  # rectangles
+        x0, y0 = int(rng.random() * w), int(rng.random() * h)
+        x1, y1 = x0 + int(rng.random() * w / 3) + 2, y0 + int(rng.random() * h / 3) + 2
+        img[y0:y1, x0:x1] = rng.random(3) * 255
+    img += rng.standard_normal((h, w, 3)) * 12
+    img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    if mode == "RGBA":
+        alpha = np.clip(255 * (x / w) + rng.standard_normal((h, w)) * 20, 0, 255).astype(np.uint8)
+        img = np.dstack([img, alpha])
+    return Image.fromarray(img, mode)
+
+
+def write_images():
+    """Creates missing test images. Existing files are kept: the committed bytes are the reference (a
+    different libjpeg/zlib would otherwise change them)."""
+    os.makedirs(IMG_DIR, exist_ok=True)
+    for name, (w, h, seed, mode) in IMAGES.items():
+        p = os.path.join(IMG_DIR, name)
+        if os.path.exists(p):
+            continue
+        im = synth_image(w, h, seed, mode)
+        if name.endswith(".jpg"):
+            im.save(p, quality=90, subsampling=2)  # 4:2:0, the common case
+            Image.open(p).convert("RGB").save(os.path.join(IMG_DIR, JPEG_DECODED), optimize=False)
+        else:
+            im.save(p, optimize=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cases. Messages are OpenAI-style; image URLs are repository-relative paths. A per-image max_pixels
+# (qwen-vl-utils style key on the content item) is also given to the processor for that call.
+
+def _img(name, **extra):
+    d = {"type": "image_url", "image_url": {"url": IMG_REL + name}}
+    d.update(extra)
+    return d
+
+
+def _txt(t):
+    return {"type": "text", "text": t}
+
+
+CASES = {
+    "text": [{"role": "user", "content": "Write a haiku about autumn leaves."}],
+    "image": [{"role": "user", "content": [_img("grad_224.png"), _txt("Describe this image.")]}],
+    "image_odd": [{"role": "user", "content": [_img("odd_150x97.png"), _txt("What is in the picture?")]}],
+    "image_tiny": [{"role": "user", "content": [_img("tiny_40x30.png"), _txt("What color is it?")]}],
+    "two_images": [{"role": "user", "content": [_img("grad_112.png"), _img("odd_150x97.png"),
+                                                  _txt("Compare the two images.")]}],
+    "multiturn": [
+        {"role": "system", "content": "You are a careful assistant. Answer briefly."},
+        {"role": "user", "content": [_img("wide_200x60.png"), _txt("What do you see?")]},
+        {"role": "assistant", "content": "A wide picture with a few colored shapes."},
+        {"role": "user", "content": "Which shape is the largest?"},
+    ],
+    "max_pixels": [{"role": "user", "content": [_img("grad_224.png", max_pixels=56 * 56 * 4),
+                                                  _txt("Describe this image briefly.")]}],
+    "rgba": [{"role": "user", "content": [_img("rgba_64x48.png"), _txt("Describe it.")]}],
+    "jpeg": [{"role": "user", "content": [_img("photo_112x84.jpg"), _txt("Describe the photo.")]}],
+}
+MODEL_CASES = {
+    "tiny-f32-tied": list(CASES),
+    "tiny-bf16-untied": ["text", "image", "image_odd", "two_images"],
+    "small-f32-hd32": ["text", "image", "image_odd", "two_images"],
+}
+
+
+def hf_messages(messages):
+    """OpenAI-style -> the HF chat-template form; returns (messages, image paths, max_pixels or None)."""
+    out, paths, maxp = [], [], None
+    for m in messages:
+        c = m["content"]
+        if isinstance(c, str):
+            out.append({"role": m["role"], "content": c})
+            continue
+        parts = []
+        for p in c:
+            if p["type"] == "image_url":
+                parts.append({"type": "image"})
+                paths.append(p["image_url"]["url"])
+                if "max_pixels" in p:
+                    if maxp is not None and maxp != p["max_pixels"]:
+                        raise ValueError("one max_pixels per case")
+                    maxp = p["max_pixels"]
+            else:
+                parts.append({"type": "text", "text": p["text"]})
+        out.append({"role": m["role"], "content": parts})
+    return out, paths, maxp
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def make_processor(model_dir):
+    """Qwen2VLProcessor with the PIL image processor. The processor insists on a video processor, whose
+    class needs torchvision (not installed, and never used here), so that one argument check is skipped."""
+    ip = pil_ip.Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    orig = Qwen2VLProcessor.check_argument_for_proper_class
+
+    def check(self, name, arg):
+        if name == "video_processor" and arg is None:
+            return None
+        return orig(self, name, arg)
+
+    Qwen2VLProcessor.check_argument_for_proper_class = check
+    try:
+        proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=None,
+                                chat_template=tok.chat_template)
+    finally:
+        Qwen2VLProcessor.check_argument_for_proper_class = orig
+    return proc
+
+
+def sha256_file(p):
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def load_model(model_dir, dtype):
+    m, info = Qwen2VLForConditionalGeneration.from_pretrained(
+        model_dir, attn_implementation="eager", dtype=dtype, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v}
+    if bad:
+        raise RuntimeError(f"{model_dir}: loading problems {bad}")
+    return m.eval()
+
+
+def rope_positions(model, inputs):
+    ids = inputs["input_ids"]
+    if inputs.get("image_grid_thw") is None:
+        n = ids.shape[1]
+        return [list(range(n))] * 3, 0
+    pos, delta = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                            image_grid_thw=inputs["image_grid_thw"],
+                                            attention_mask=inputs["attention_mask"])
+    return pos[:, 0, :].tolist(), int(delta.reshape(-1)[0])
+
+
+@torch.no_grad()
+def greedy(model, inputs, n):
+    """Greedy decoding of n tokens ignoring EOS; returns (ids, [raw logits per step as f32 numpy])."""
+    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
+                         repetition_penalty=1.0, temperature=None, top_k=None, top_p=None,
+                         output_logits=True, return_dict_in_generate=True)
+    ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    logits = [l[0].float().numpy() for l in out.logits]
+    assert len(ids) == n and len(logits) == n
+    for i, (t, l) in enumerate(zip(ids, logits)):
+        # min_new_tokens masks EOS in the processed scores only; make sure it never changed the choice.
+        if int(np.argmax(l)) != t:
+            raise RuntimeError(f"step {i}: generated {t} but raw argmax is {int(np.argmax(l))}")
+    return ids, logits
+
+
+def top2_gap(l):
+    s = np.sort(l)
+    return float(s[-1] - s[-2])
+
+
+def run_case(model_name, case, model, model_f32, proc, model_dir, spec):
+    messages = CASES[case]
+    hmsgs, paths, maxp = hf_messages(messages)
+    prompt = proc.apply_chat_template(hmsgs, add_generation_prompt=True, tokenize=False)
+    images = [Image.open(os.path.join(ROOT, p)) for p in paths] or None
+    kw = {"images_kwargs": {"max_pixels": maxp}} if maxp is not None else {}
+    inputs = proc(text=[prompt], images=images, return_tensors="pt", **kw)
+    ids = inputs["input_ids"][0].tolist()
+    positions, delta = rope_positions(model, inputs)
+
+    with torch.no_grad():
+        logits0 = model(**inputs).logits[0, -1].float().numpy()
+    gids, steps = greedy(model, inputs, N_GREEDY)
+    if not np.array_equal(steps[0], logits0):
+        d = float(np.max(np.abs(steps[0] - logits0)))
+        print(f"  note: generate step-0 logits differ from the plain forward by {d:g}")
+    gaps = [top2_gap(l) for l in steps]
+    top5 = []
+    for l in steps:
+        o = np.argsort(-l, kind="stable")[:5]
+        top5.append({"ids": [int(i) for i in o], "values": [float(l[i]) for i in o]})
+
+    out_dir = os.path.join(FIX_DIR, model_name, case)
+    os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):
+        os.remove(os.path.join(out_dir, f))
+    np.save(os.path.join(out_dir, "logits0.npy"), logits0.astype(np.float32))
+
+    cj = {
+        "model": model_name,
+        "messages": messages,
+        "prompt_text": prompt,
+        "prompt_ids": ids,
+        "n_prompt": len(ids),
+        "image_grid_thw": inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else [],
+        "position_ids": positions,
+        "rope_delta": delta,
+        "greedy_ids": gids,
+        "greedy_text": proc.tokenizer.decode(gids, skip_special_tokens=False),
+        "greedy_top5": top5,
+        "top2_gaps": gaps,
+        "min_top2_gap": min(gaps),
+        "logits0_top2_gap": top2_gap(logits0),
+        "dtype": spec["dtype"],
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "image_processor": "Qwen2VLImageProcessorPil (PIL bicubic path)",
+        "model_sha256": {f: sha256_file(os.path.join(model_dir, f))
+                         for f in make_model.shard_names(spec["shards"])},
+    }
+    if maxp is not None:
+        cj["images_kwargs"] = {"max_pixels": maxp}
+    if "pixel_values" in inputs:
+        pv = inputs["pixel_values"].float()
+        pvn = np.ascontiguousarray(pv.numpy().astype(np.float32))
+        h = hashlib.sha256(pvn.tobytes()).hexdigest()
+        # The processor config is the same for every test model, so identical pixel values are stored
+        # once; "file" always names the .npy to load (repository-relative).
+        rel = PV_INDEX.get(h)
+        if rel is None or not os.path.exists(os.path.join(ROOT, rel)):
+            np.save(os.path.join(out_dir, "pixel_values.npy"), pvn)
+            rel = os.path.relpath(os.path.join(out_dir, "pixel_values.npy"), ROOT)
+            PV_INDEX[h] = rel
+        cj["pixel_values"] = {"file": rel, "sha256_f32": h, "shape": list(pv.shape),
+                              "sum": float(pv.double().sum()), "abs_sum": float(pv.double().abs().sum())}
+        with torch.no_grad():
+            feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            emb = torch.cat(list(feats.pooler_output), dim=0).float().numpy()
+        np.save(os.path.join(out_dir, "image_embeds.npy"), emb.astype(np.float32))
+        cj["image_embeds_shape"] = list(emb.shape)
+        cj["image_sizes"] = [list(Image.open(os.path.join(ROOT, p)).size) for p in paths]  # (W, H)
+    if model_f32 is not None:
+        with torch.no_grad():
+            l32 = model_f32(**inputs).logits[0, -1].float().numpy()
+        np.save(os.path.join(out_dir, "logits0_f32ref.npy"), l32.astype(np.float32))
+        g32, steps32 = greedy(model_f32, inputs, N_GREEDY)
+        cj["greedy_ids_f32ref"] = g32
+        cj["top2_gaps_f32ref"] = [top2_gap(l) for l in steps32]
+        cj["min_top2_gap_f32ref"] = min(cj["top2_gaps_f32ref"])
+        cj["logits0_bf16_vs_f32ref_max_abs"] = float(np.max(np.abs(logits0 - l32)))
+        cj["logits0_f32ref_max_abs"] = float(np.max(np.abs(l32)))
+        cj["greedy_agree_with_f32ref"] = sum(1 for a, b in zip(gids, g32) if a == b)
+        if "pixel_values" in inputs:
+            with torch.no_grad():
+                f = model_f32.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+                e32 = torch.cat(list(f.pooler_output), dim=0).float().numpy()
+            cj["image_embeds_bf16_vs_f32ref_max_abs"] = float(np.max(np.abs(emb - e32)))
+    with open(os.path.join(out_dir, "case.json"), "w", encoding="utf-8") as f:
+        json.dump(cj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    return cj
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def smart_resize_cases():
+    F = 28
+    dmin, dmax_inst, dmax_cls = 3136, 12845056, 1003520
+    rows = []
+
+    def add(h, w, mn=dmin, mx=dmax_inst, note=""):
+        rows.append((h, w, mn, mx, note))
+
+    for h, w in [(224, 224), (333, 517), (70, 100), (28, 28), (1080, 1920), (4000, 3000), (56, 56),
+                 (28, 56), (280, 280), (560, 840)]:
+        add(h, w, note="worked/multiple")
+        add(h, w, mx=dmax_cls, note="class default max")
+    for h in [42, 70, 98, 126, 154, 182, 14 * 29, 14 * 31]:  # exact .5 ties: half-to-even
+        add(h, 224, note="round half")
+        add(224, h, note="round half")
+    for h, w in [(28, 5600), (5600, 28), (29, 5800), (28, 5601), (30, 6001), (100, 20000), (20001, 100)]:
+        add(h, w, mx=10 ** 12, note="aspect near 200")
+    for h, w in [(20, 30), (10, 10), (27, 400), (1, 28)]:
+        add(h, w, note="side below factor")
+    for mx in [3136, 12544, 50176, 200704, 1003520]:
+        for h, w in [(224, 224), (1000, 700), (97, 150), (3000, 40), (40, 3000)]:
+            add(h, w, mx=mx, note="max branch")
+    for mn in [3136, 12544, 200704, 1003520]:
+        for h, w in [(30, 40), (28, 28), (50, 5000), (60, 90)]:
+            add(h, w, mn=mn, mx=max(mn * 4, dmax_inst), note="min branch")
+    add(1000, 1000, mx=784, note="max below one merged patch")
+    add(300, 30, mx=1568, note="max floors a side to 0 without the clamp")
+    rng = np.random.Generator(np.random.PCG64(99))
+    while len(rows) < 200:
+        h, w = int(rng.integers(28, 4000)), int(rng.integers(28, 4000))
+        mn = int(rng.choice([3136, 12544, 65536]))
+        mx = int(rng.choice([12544, 200704, 1003520, 12845056]))
+        add(h, w, mn=mn, mx=mx, note="random")
+    out = []
+    for h, w, mn, mx, note in rows:
+        r = {"height": h, "width": w, "min_pixels": mn, "max_pixels": mx, "note": note}
+        try:
+            rh, rw = pil_ip.smart_resize(h, w, factor=F, min_pixels=mn, max_pixels=mx)
+            r["resized"] = [int(rh), int(rw)]
+        except ValueError as e:
+            r["error"] = str(e)
+        out.append(r)
+    return {
+        "reference": f"transformers {transformers.__version__} "
+                     "models/qwen2_vl/image_processing_pil_qwen2_vl.smart_resize, factor 28",
+        "notes": ("This version raises only for aspect ratio > 200; sides below 28 are accepted (older "
+                  "4.x versions raised 'height/width must be larger than factor'); in the max branch each "
+                  "side is clamped to >= 28 (older versions could floor a side to 0)."),
+        "cases": out,
+    }
+
+
+def rope_index_cases(model):
+    T = 100  # arbitrary text token ids
+
+    def seq(*parts):
+        ids, grids = [], []
+        for p in parts:
+            if isinstance(p, int):
+                ids += [T + len(ids) + i for i in range(p)]
+            else:
+                t, h, w = p
+                ids += [VISION_START] + [IMAGE_PAD] * (t * h * w // 4) + [VISION_END]
+                grids.append([t, h, w])
+        return ids, grids
+
+    specs = [
+        ("text only", seq(7)),
+        ("spec C.3 one image", seq(2, (1, 4, 6), 1)),
+        ("spec C.3 two images", seq(1, (1, 4, 4), (1, 2, 4), 1)),
+        ("image first", seq(0, (1, 6, 4), 3)),
+        ("image last", seq(5, (1, 8, 8))),
+        ("224x224 in chat", seq(14, (1, 16, 16), 10)),
+        ("tall then wide", seq(3, (1, 12, 2), 4, (1, 2, 14), 2)),
+        ("three images", seq(2, (1, 4, 4), 1, (1, 6, 10), 3, (1, 2, 2), 2)),
+    ]
+    out = []
+    for name, (ids, grids) in specs:
+        t = torch.tensor([ids])
+        types = (t == IMAGE_PAD).long() + 2 * (t == VIDEO_PAD).long()
+        if grids:
+            pos, delta = model.model.get_rope_index(t, mm_token_type_ids=types,
+                                                    image_grid_thw=torch.tensor(grids),
+                                                    attention_mask=torch.ones_like(t))
+            pos, delta = pos[:, 0, :].tolist(), int(delta.reshape(-1)[0])
+        else:
+            pos, delta = [list(range(len(ids)))] * 3, 0
+        out.append({"name": name, "input_ids": ids, "image_grid_thw": grids, "spatial_merge_size": 2,
+                    "position_ids": pos, "rope_delta": delta})
+    return {"reference": f"transformers {transformers.__version__} Qwen2VLModel.get_rope_index "
+                         "(mm_token_type_ids: 1 for <|image_pad|>)", "cases": out}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(MODEL_CASES))
+    ap.add_argument("--cases", default="", help="restrict to these cases (default: all of each model)")
+    ap.add_argument("--models-dir", default="/tmp/vlmd-fixture-models")
+    ap.add_argument("--skip-tables", action="store_true", help="do not rewrite smart_resize/rope_index")
+    a = ap.parse_args()
+    write_images()
+    os.makedirs(FIX_DIR, exist_ok=True)
+    index_pixel_values()
+    summary_path = os.path.join(FIX_DIR, "summary.json")
+    summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    rope_model = None
+    for name in a.models.split(","):
+        spec = make_model.resolve_spec(name)
+        d = os.path.join(a.models_dir, name)
+        make_model.write_model(name, d)
+        tdtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
+        model = load_model(d, tdtype)
+        model_f32 = load_model(d, torch.float32) if spec["dtype"] == "bf16" else None
+        proc = make_processor(d)
+        rope_model = rope_model or model
+        cases = [c for c in MODEL_CASES[name] if not a.cases or c in a.cases.split(",")]
+        for c in cases:
+            cj = run_case(name, c, model, model_f32, proc, d, spec)
+            line = {"n_prompt": cj["n_prompt"], "min_top2_gap": cj["min_top2_gap"]}
+            for k in ("min_top2_gap_f32ref", "logits0_bf16_vs_f32ref_max_abs", "logits0_f32ref_max_abs", "greedy_agree_with_f32ref",
+                      "image_embeds_bf16_vs_f32ref_max_abs"):
+                if k in cj:
+                    line[k] = cj[k]
+            summary.setdefault(name, {})[c] = line
+            print(f"{name}/{c}: {json.dumps(line)}", flush=True)
+    if not a.skip_tables:
+        with open(os.path.join(FIX_DIR, "smart_resize.json"), "w") as f:
+            json.dump(smart_resize_cases(), f, indent=1)
+            f.write("\n")
+        if rope_model is not None:
+            with open(os.path.join(FIX_DIR, "rope_index.json"), "w") as f:
+                json.dump(rope_index_cases(rope_model), f, indent=1)
+                f.write("\n")
+    check_pixel_value_refs()
+    summary["versions"] = {"transformers": transformers.__version__, "torch": torch.__version__,
+                           "numpy": np.__version__}
+    with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

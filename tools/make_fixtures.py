@@ -163,6 +163,11 @@ MODEL_CASES = {
 }
 
 
+def image_paths(messages):
+    return [p["image_url"]["url"] for m in messages if not isinstance(m["content"], str)
+            for p in m["content"] if p["type"] == "image_url"]
+
+
 def hf_messages(messages):
     """OpenAI-style -> the HF chat-template form; returns (messages, image paths, max_pixels or None)."""
     out, paths, maxp = [], [], None
@@ -345,6 +350,7 @@ def run_case(model_name, case, model, model_f32, proc, model_dir, spec):
             with torch.no_grad():
                 f = model_f32.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
                 e32 = torch.cat(list(f.pooler_output), dim=0).float().numpy()
+            np.save(os.path.join(out_dir, "image_embeds_f32ref.npy"), e32.astype(np.float32))
             cj["image_embeds_bf16_vs_f32ref_max_abs"] = float(np.max(np.abs(emb - e32)))
     with open(os.path.join(out_dir, "case.json"), "w", encoding="utf-8") as f:
         json.dump(cj, f, indent=1, ensure_ascii=False)
@@ -582,6 +588,100 @@ def np_decoder_last_logits(W, spec, ids, positions, image_embeds=None):
     return head @ h
 
 
+def composite_on_white(rgba):
+    """transformers 5.x convert_to_rgb: PIL alpha_composite of the image over opaque white, then RGB.
+    Pillow's integer arithmetic (AlphaComposite.c, 7 extra precision bits) reduces for an opaque white
+    destination to out = div255((c·a + 255·(255 − a) + 128)·128) >> 7 with div255(x) = ((x >> 8) + x) >> 8
+    (a = 0 gives 255); checked equal to Pillow for all 65536 (c, a) pairs."""
+    c = rgba[..., :3].astype(np.uint32)
+    a = rgba[..., 3:4].astype(np.uint32)
+    t = (c * a + 255 * (255 - a) + 128) * 128
+    out = (((t >> 8) + t) >> 8) >> 7
+    return np.where(a == 0, 255, out).astype(np.uint8)
+
+
+def np_smart_resize(h, w, mn, mx, f=28):
+    """SPEC §E.2 as transcribed (Python round = half-to-even), with the 5.x clamp in the max branch."""
+    if max(h, w) / min(h, w) > 200:
+        raise ValueError("aspect")
+    hb, wb = round(h / f) * f, round(w / f) * f
+    if hb * wb > mx:
+        beta = math.sqrt(h * w / mx)
+        hb, wb = max(f, math.floor(h / beta / f) * f), max(f, math.floor(w / beta / f) * f)
+    elif hb * wb < mn:
+        beta = math.sqrt(mn / (h * w))
+        hb, wb = math.ceil(h * beta / f) * f, math.ceil(w * beta / f) * f
+    return hb, wb
+
+
+def np_pixel_values(path, max_pixels=12845056, min_pixels=3136):
+    """SPEC §E.1/E.4 from the file: RGB conversion (alpha composited on white, see composite_on_white),
+    PIL bicubic resize, x/255, (x - mean)/std in float32, two identical frames, merge-window order."""
+    im = Image.open(path)
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        im = Image.fromarray(composite_on_white(np.asarray(im.convert("RGBA"))), "RGB")
+    else:
+        im = im.convert("RGB")
+    W0, H0 = im.size
+    h, w = np_smart_resize(H0, W0, min_pixels, max_pixels)
+    a = np.asarray(im.resize((w, h), Image.BICUBIC) if (w, h) != (W0, H0) else im, dtype=np.uint8)
+    x = (a.astype(np.float64) / 255.0).astype(np.float32)
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+    std = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+    x = ((x - mean) / std).astype(np.float32).transpose(2, 0, 1)  # [c, y, x]
+    gh, gw = h // 14, w // 14
+    out = np.empty((gh * gw, 3 * 2 * 14 * 14), np.float32)
+    k = 0
+    for bh in range(gh // 2):
+        for bw in range(gw // 2):
+            for mh in range(2):
+                for mw in range(2):
+                    r, c = 2 * bh + mh, 2 * bw + mw
+                    patch = x[:, 14 * r:14 * r + 14, 14 * c:14 * c + 14]  # [3, 14, 14]
+                    out[k] = np.stack([patch, patch], 1).reshape(-1)  # (c, tau, y, x)
+                    k += 1
+    return out, [1, gh, gw]
+
+
+def np_rope_index(ids, grids, m=2):
+    """SPEC §C.2 transcribed: text runs continue from 1 + max so far; image pads get (t, row, col)
+    offsets from the run start; delta = max + 1 - n."""
+    pos, i, g = [[], [], []], 0, 0
+    nxt = 0
+    while i < len(ids):
+        if ids[i] == IMAGE_PAD:
+            t, h, w = grids[g]
+            g += 1
+            for a in range(t):
+                for r in range(h // m):
+                    for c in range(w // m):
+                        for s, v in zip(pos, (a, r, c)):
+                            s.append(nxt + v)
+            i += t * (h // m) * (w // m)
+        else:
+            for s in pos:
+                s.append(nxt)
+            i += 1
+        nxt = max(max(s) for s in pos) + 1
+    return pos, nxt - len(ids)
+
+
+def verify_tables():
+    bad = 0
+    for r in json.load(open(os.path.join(FIX_DIR, "smart_resize.json")))["cases"]:
+        try:
+            got = list(np_smart_resize(r["height"], r["width"], r["min_pixels"], r["max_pixels"]))
+        except ValueError:
+            got = None
+        bad += got != r.get("resized")
+    rb = 0
+    for c in json.load(open(os.path.join(FIX_DIR, "rope_index.json")))["cases"]:
+        pos, d = np_rope_index(c["input_ids"], c["image_grid_thw"])
+        rb += (pos != c["position_ids"]) or (d != c["rope_delta"])
+    print(f"numpy check tables: smart_resize mismatches {bad}, rope_index mismatches {rb}")
+    return {"smart_resize_mismatches": bad, "rope_index_mismatches": rb}
+
+
 def verify_numpy(models_dir, names):
     """Recomputes logits0 (and image_embeds) of every committed case in float64 numpy and reports the
     largest differences from the torch reference (bf16 models: against logits0_f32ref)."""
@@ -596,13 +696,20 @@ def verify_numpy(models_dir, names):
             r = {}
             if cj.get("pixel_values"):
                 pv = np.load(os.path.join(ROOT, cj["pixel_values"]["file"]))
+                mp = cj.get("images_kwargs", {}).get("max_pixels", 12845056)
+                mine = [np_pixel_values(os.path.join(ROOT, m), mp) for m in image_paths(cj["messages"])]
+                r["pixel_values_max_abs"] = float(np.max(np.abs(np.concatenate([m[0] for m in mine]) - pv)))
+                r["grids_equal"] = [m[1] for m in mine] == cj["image_grid_thw"]
                 emb = np_vision(W, spec, pv, cj["image_grid_thw"])
-                ref = np.load(os.path.join(d, "image_embeds.npy"))
+                ref = np.load(os.path.join(d, "image_embeds_f32ref.npy" if spec["dtype"] == "bf16"
+                                           else "image_embeds.npy"))
                 r["image_embeds_max_abs"] = float(np.max(np.abs(emb - ref)))
                 r["image_embeds_ref_max_abs"] = float(np.max(np.abs(ref)))
             lg = np_decoder_last_logits(W, spec, cj["prompt_ids"], cj["position_ids"], emb)
             refname = "logits0_f32ref.npy" if spec["dtype"] == "bf16" else "logits0.npy"
             ref = np.load(os.path.join(d, refname))
+            pos, dl = np_rope_index(cj["prompt_ids"], cj["image_grid_thw"])
+            r["positions_equal"] = pos == cj["position_ids"] and dl == cj["rope_delta"]
             r["logits0_max_abs"] = float(np.max(np.abs(lg - ref)))
             r["argmax_equal"] = int(np.argmax(lg)) == int(np.argmax(ref))
             report.setdefault(name, {})[case] = r
@@ -624,6 +731,7 @@ def main():
         for n in names:
             make_model.write_model(n, os.path.join(a.models_dir, n))
         verify_numpy(a.models_dir, names)
+        verify_tables()
         return
     write_images()
     os.makedirs(FIX_DIR, exist_ok=True)
@@ -664,6 +772,7 @@ def main():
     for n, cases in verify_numpy(a.models_dir, names).items():
         for c, r in cases.items():
             summary.setdefault(n, {}).setdefault(c, {})["numpy_f64_check"] = r
+    summary["numpy_f64_check_tables"] = verify_tables()
     summary["versions"] = {"transformers": transformers.__version__, "torch": torch.__version__,
                            "numpy": np.__version__}
     with open(summary_path, "w") as f:

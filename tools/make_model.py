@@ -177,6 +177,21 @@ def _tensor_seed(model_seed, name):
     return int.from_bytes(d[:8], "little")
 
 
+# First 8 float32 draws of Generator(PCG64(12345)).standard_normal as bit patterns, recorded with numpy
+# 2.4.6. The committed fixtures depend on this stream; if a numpy release ever changed it, the generated
+# weights would silently differ, so fail loudly instead.
+_STREAM_PROBE = [3214649161, 3200063854, 1072618805, 3194176602, 3203412825, 1067325036, 3201301601,
+                 1067573223]
+
+
+def check_numpy_stream():
+    a = np.random.Generator(np.random.PCG64(12345)).standard_normal(8, dtype=np.float32)
+    if a.view(np.uint32).tolist() != _STREAM_PROBE:
+        raise SystemExit(f"make_model.py: numpy {np.__version__} draws a different PCG64/standard_normal "
+                         "stream than the one the fixtures were generated with (numpy 2.4.6); the test "
+                         "models would not match tests/fixtures/qwen2vl")
+
+
 def tensor_chunks(model_seed, name, shape, std, mean):
     """Yields the tensor's values (mean + std·N(0,1)) as flat float32 chunks (C order)."""
     rng = np.random.Generator(np.random.PCG64(_tensor_seed(model_seed, name)))
@@ -435,6 +450,7 @@ def write_model(name, out_dir, dtype=None, repo_root=None, force=False, log=None
         repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if not force and is_current(out_dir, name, spec):
         return False
+    check_numpy_stream()
     os.makedirs(out_dir, exist_ok=True)
     try:
         os.remove(os.path.join(out_dir, STAMP_FILE))

@@ -487,12 +487,13 @@ def main(argv=None):
                     ", ".join(MODELS))
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="override the stored dtype of --name models")
     ap.add_argument("--force", action="store_true", help="rewrite even if the stamp matches")
-    ap.add_argument("-q", "--quiet", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
+    ap.add_argument("-q", "--quiet", action="store_true", help="accepted for compatibility (default)")
     a = ap.parse_args(argv)
     names = (list(TEST_SET) if a.test_set else []) + a.name
     if not names:
         ap.error("give --test-set and/or --name")
-    log = None if a.quiet else (lambda s: print(s, file=sys.stderr))
+    log = (lambda s: print(s, file=sys.stderr)) if a.verbose else None
     for n in names:
         dt = a.dtype if n in a.name else None
         d = os.path.join(a.out, n)

@@ -258,6 +258,39 @@ def greedy(model, inputs, n):
     return ids, logits
 
 
+INTERMEDIATE_CASES = ("text", "image", "two_images")  # cases that also store per-layer activations
+
+
+@torch.no_grad()
+def intermediates(model, inputs):
+    """Per-layer activations of one prompt forward, captured with hooks (float32 numpy):
+    decoder [L+2, n, H]: 0 = decoder input embeddings (image rows already scattered in), l = residual
+    stream after layer l, L+1 = after the final RMSNorm; vision [depth+1, Np, E] (image cases):
+    0 = patch embedding output, b+1 = after block b (the merger output is image_embeds.npy)."""
+    lm = model.model.language_model
+    dec, vis, hooks = [], [], []
+    hooks.append(lm.layers[0].register_forward_pre_hook(lambda m, a, k: dec.append(
+        (a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True))
+    for layer in lm.layers:
+        hooks.append(layer.register_forward_hook(lambda m, a, o: dec.append(
+            (o[0] if isinstance(o, tuple) else o).detach().clone())))
+    hooks.append(lm.norm.register_forward_hook(lambda m, a, o: dec.append(o.detach().clone())))
+    blocks = model.model.visual.blocks
+    hooks.append(blocks[0].register_forward_pre_hook(lambda m, a, k: vis.append(
+        (a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True))
+    for b in blocks:
+        hooks.append(b.register_forward_hook(lambda m, a, o: vis.append(
+            (o[0] if isinstance(o, tuple) else o).detach().clone())))
+    try:
+        model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    d = np.stack([t.float().reshape(-1, t.shape[-1]).numpy() for t in dec]).astype(np.float32)
+    v = np.stack([t.float().reshape(-1, t.shape[-1]).numpy() for t in vis]).astype(np.float32) if vis else None
+    return d, v
+
+
 def top2_gap(l):
     s = np.sort(l)
     return float(s[-1] - s[-2])
@@ -335,6 +368,15 @@ def run_case(model_name, case, model, model_f32, proc, model_dir, spec):
         np.save(os.path.join(out_dir, "image_embeds.npy"), emb.astype(np.float32))
         cj["image_embeds_shape"] = list(emb.shape)
         cj["image_sizes"] = [list(Image.open(os.path.join(ROOT, p)).size) for p in paths]  # (W, H)
+    if case in INTERMEDIATE_CASES:
+        # bf16 models: from the f32 upcast (what an f32-compute runtime should match)
+        src, suffix = (model_f32, "_f32ref") if model_f32 is not None else (model, "")
+        dh, vh = intermediates(src, inputs)
+        np.save(os.path.join(out_dir, f"hidden_states{suffix}.npy"), dh)
+        cj["hidden_states_shape"] = list(dh.shape)
+        if vh is not None:
+            np.save(os.path.join(out_dir, f"vision_hidden{suffix}.npy"), vh)
+            cj["vision_hidden_shape"] = list(vh.shape)
     if model_f32 is not None:
         with torch.no_grad():
             l32 = model_f32(**inputs).logits[0, -1].float().numpy()
@@ -505,7 +547,7 @@ def _rot(x, cos, sin):
     return x * cos + np.concatenate([-x[..., h:], x[..., :h]], -1) * sin
 
 
-def np_vision(W, spec, pv, grids):
+def np_vision(W, spec, pv, grids, trace=None):
     v = spec["vision"]
     E, nh, m = v["embed_dim"], v["num_heads"], v["spatial_merge_size"]
     hd = E // nh
@@ -527,6 +569,8 @@ def np_vision(W, spec, pv, grids):
     # HF computes the vision rotary table in float32
     ang = ang.astype(np.float32).astype(np.float64)
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    if trace is not None:
+        trace.append(x)
     for b in range(v["depth"]):
         p = f"visual.blocks.{b}."
         a = _layernorm(x, W[p + "norm1.weight"], W[p + "norm1.bias"])
@@ -544,13 +588,15 @@ def np_vision(W, spec, pv, grids):
         h = a @ W[p + "mlp.fc1.weight"].T + W[p + "mlp.fc1.bias"]
         h = h / (1.0 + np.exp(-1.702 * h))
         x = x + h @ W[p + "mlp.fc2.weight"].T + W[p + "mlp.fc2.bias"]
+        if trace is not None:
+            trace.append(x)
     x = _layernorm(x, W["visual.merger.ln_q.weight"], W["visual.merger.ln_q.bias"]).reshape(-1, E * m * m)
     h = x @ W["visual.merger.mlp.0.weight"].T + W["visual.merger.mlp.0.bias"]
     h = 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))
     return h @ W["visual.merger.mlp.2.weight"].T + W["visual.merger.mlp.2.bias"]
 
 
-def np_decoder_last_logits(W, spec, ids, positions, image_embeds=None):
+def np_decoder_last_logits(W, spec, ids, positions, image_embeds=None, trace=None):
     t = spec["text"]
     H, nh, kvh = t["hidden"], t["heads"], t["kv_heads"]
     hd = H // nh
@@ -567,6 +613,8 @@ def np_decoder_last_logits(W, spec, ids, positions, image_embeds=None):
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     n = len(ids)
     mask = np.triu(np.full((n, n), -np.inf), 1)
+    if trace is not None:
+        trace.append(x.copy())
     for l in range(t["layers"]):
         p = f"model.layers.{l}."
         a = _rmsnorm(x, W[p + "input_layernorm.weight"])
@@ -583,6 +631,10 @@ def np_decoder_last_logits(W, spec, ids, positions, image_embeds=None):
         b = _rmsnorm(x, W[p + "post_attention_layernorm.weight"])
         g = b @ W[p + "mlp.gate_proj.weight"].T
         x = x + ((g / (1.0 + np.exp(-g))) * (b @ W[p + "mlp.up_proj.weight"].T)) @ W[p + "mlp.down_proj.weight"].T
+        if trace is not None:
+            trace.append(x.copy())
+    if trace is not None:
+        trace.append(_rmsnorm(x, W["model.norm.weight"]))
     h = _rmsnorm(x[-1], W["model.norm.weight"])
     head = W["model.embed_tokens.weight"] if spec["tied"] else W["lm_head.weight"]
     return head @ h
@@ -700,12 +752,22 @@ def verify_numpy(models_dir, names):
                 mine = [np_pixel_values(os.path.join(ROOT, m), mp) for m in image_paths(cj["messages"])]
                 r["pixel_values_max_abs"] = float(np.max(np.abs(np.concatenate([m[0] for m in mine]) - pv)))
                 r["grids_equal"] = [m[1] for m in mine] == cj["image_grid_thw"]
-                emb = np_vision(W, spec, pv, cj["image_grid_thw"])
+                vtr = []
+                emb = np_vision(W, spec, pv, cj["image_grid_thw"], vtr)
+                vf = os.path.join(d, "vision_hidden_f32ref.npy" if spec["dtype"] == "bf16" else "vision_hidden.npy")
+                if os.path.exists(vf):
+                    vref = np.load(vf)
+                    r["vision_hidden_max_abs"] = [float(np.max(np.abs(a - b))) for a, b in zip(vtr, vref)]
                 ref = np.load(os.path.join(d, "image_embeds_f32ref.npy" if spec["dtype"] == "bf16"
                                            else "image_embeds.npy"))
                 r["image_embeds_max_abs"] = float(np.max(np.abs(emb - ref)))
                 r["image_embeds_ref_max_abs"] = float(np.max(np.abs(ref)))
-            lg = np_decoder_last_logits(W, spec, cj["prompt_ids"], cj["position_ids"], emb)
+            dtr = []
+            lg = np_decoder_last_logits(W, spec, cj["prompt_ids"], cj["position_ids"], emb, dtr)
+            hf = os.path.join(d, "hidden_states_f32ref.npy" if spec["dtype"] == "bf16" else "hidden_states.npy")
+            if os.path.exists(hf):
+                href = np.load(hf)
+                r["hidden_states_max_abs"] = [float(np.max(np.abs(a - b))) for a, b in zip(dtr, href)]
             refname = "logits0_f32ref.npy" if spec["dtype"] == "bf16" else "logits0.npy"
             ref = np.load(os.path.join(d, refname))
             pos, dl = np_rope_index(cj["prompt_ids"], cj["image_grid_thw"])

@@ -291,6 +291,40 @@ def intermediates(model, inputs):
     return d, v
 
 
+@torch.no_grad()
+def default_generation(model, inputs, n, **overrides):
+    """generate() with the checkpoint's generation_config.json (the released Instruct values: do_sample,
+    top_k 1, top_p 0.001, temperature 0.1, repetition_penalty 1.05), n tokens with EOS suppressed by
+    min_new_tokens. top_k = 1 makes it deterministic: the argmax of the penalised logits (SPEC §A.6).
+    Each step is re-derived from the raw logits to confirm that reading, and that EOS never won."""
+    gc = model.generation_config
+    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, output_logits=True,
+                         return_dict_in_generate=True, **overrides)
+    prompt = inputs["input_ids"][0].tolist()
+    ids = out.sequences[0, len(prompt):].tolist()
+    p = float(overrides.get("repetition_penalty", gc.repetition_penalty))
+    gaps, tied = [], []
+    for i, l in enumerate(out.logits):
+        raw = l[0].float().numpy().copy()
+        seen = np.array(sorted(set(prompt + ids[:i])))
+        v = raw[seen]
+        raw[seen] = np.where(v < 0, v * np.float32(p), v / np.float32(p))
+        if raw[ids[i]] != raw.max():
+            raise RuntimeError(f"default generation step {i}: {ids[i]} is not the penalised argmax")
+        if np.count_nonzero(raw == raw.max()) > 1:
+            tied.append(i)  # top_k=1 sampling breaks exact ties through torch.topk, not lowest-id-first
+        gaps.append(top2_gap(raw))
+    r = {"ids": ids, "repetition_penalty": p, "min_top2_gap_penalised": min(gaps), "tied_steps": tied,
+         "note": "EOS suppressed (min_new_tokens); ids = argmax of penalised logits, checked per step; "
+                 "tied_steps: exact ties of the maximum (the choice there is implementation-defined)"}
+    if not overrides:
+        r.update({"top_k": gc.top_k, "top_p": gc.top_p, "temperature": gc.temperature,
+                  "do_sample": gc.do_sample})
+    else:
+        r.update(overrides)
+    return r
+
+
 def top2_gap(l):
     s = np.sort(l)
     return float(s[-1] - s[-2])
@@ -368,6 +402,11 @@ def run_case(model_name, case, model, model_f32, proc, model_dir, spec):
         np.save(os.path.join(out_dir, "image_embeds.npy"), emb.astype(np.float32))
         cj["image_embeds_shape"] = list(emb.shape)
         cj["image_sizes"] = [list(Image.open(os.path.join(ROOT, p)).size) for p in paths]  # (W, H)
+    cj["default_generation"] = default_generation(model, inputs, N_GREEDY)
+    # A strong penalty (vLLM-style per-request repetition_penalty) so the penalty visibly changes tokens.
+    cj["penalty_generation"] = default_generation(model, inputs, N_GREEDY, do_sample=False,
+                                                  repetition_penalty=1.5, temperature=None, top_k=None,
+                                                  top_p=None)
     if case in INTERMEDIATE_CASES:
         # bf16 models: from the f32 upcast (what an f32-compute runtime should match)
         src, suffix = (model_f32, "_f32ref") if model_f32 is not None else (model, "")

@@ -368,8 +368,8 @@ def shard_plan(spec, specs):
             shards.append(cur)
             cur = []
     shards.append(cur)
-    while len(shards) < n:  # tiny lists: keep the promised shard count
-        shards.insert(0, [shards[0].pop(0)])
+    if len(shards) != n or not all(shards):
+        raise SystemExit(f"make_model.py: cannot split {len(specs)} tensors into {n} non-empty shards")
     return shards
 
 

@@ -493,6 +493,50 @@ def smart_resize_cases():
     }
 
 
+RESIZE_TARGETS = {  # source image -> extra (h, w) targets besides its smart_resize size
+    "grad_224.png": [(112, 112), (56, 56), (28, 224)],
+    "odd_150x97.png": [(28, 56), (112, 168)],
+    "tiny_40x30.png": [(28, 28), (84, 112)],
+    "wide_200x60.png": [(56, 112), (84, 252)],
+    "rgba_64x48.png": [(28, 84)],
+    JPEG_DECODED: [(56, 56)],
+}
+
+
+def write_resize_fixtures():
+    """PIL bicubic resizes of the decoded RGB test images (the uint8 step before rescale/normalise),
+    as PNGs under resize/ plus resize.json. RGBA sources are first composited on white like 5.x's
+    convert_to_rgb; the JPEG is represented by its Pillow decode."""
+    out_dir = os.path.join(FIX_DIR, "resize")
+    os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):
+        os.remove(os.path.join(out_dir, f))
+    rows = []
+    for name, extra in RESIZE_TARGETS.items():
+        im = Image.open(os.path.join(IMG_DIR, name))
+        conv = "none"
+        if "A" in im.getbands():
+            im = Image.fromarray(composite_on_white(np.asarray(im.convert("RGBA"))), "RGB")
+            conv = "alpha composited on white"
+        else:
+            im = im.convert("RGB")
+        W0, H0 = im.size
+        targets = [np_smart_resize(H0, W0, 3136, 12845056)] + list(extra)
+        for h, w in targets:
+            fn = f"{os.path.splitext(name)[0]}_{h}x{w}.png"
+            r = im.resize((w, h), Image.BICUBIC)
+            r.save(os.path.join(out_dir, fn), optimize=False)
+            rows.append({"source": IMG_REL + name, "source_size_wh": [W0, H0], "rgb_conversion": conv,
+                         "target_hw": [h, w], "file": os.path.relpath(os.path.join(out_dir, fn), ROOT),
+                         "sha256_rgb": hashlib.sha256(np.asarray(r).tobytes()).hexdigest()})
+    with open(os.path.join(FIX_DIR, "resize.json"), "w") as f:
+        json.dump({"reference": f"Pillow {Image.__version__ if hasattr(Image, '__version__') else ''} "
+                                "Image.resize((w, h), BICUBIC) on uint8 RGB (what transformers' PIL path "
+                                "calls); the first target of each source is its smart_resize size",
+                   "cases": rows}, f, indent=1)
+        f.write("\n")
+
+
 def rope_index_cases(model):
     T = 100  # arbitrary text token ids
 
@@ -861,6 +905,7 @@ def main():
             summary.setdefault(name, {})[c] = line
             print(f"{name}/{c}: {json.dumps(line)}", flush=True)
     if not a.skip_tables:
+        write_resize_fixtures()
         with open(os.path.join(FIX_DIR, "smart_resize.json"), "w") as f:
             json.dump(smart_resize_cases(), f, indent=1)
             f.write("\n")

@@ -38,10 +38,11 @@ static bool s_feat_avx2, s_feat_fma, s_feat_avx512f, s_feat_avx512bw, s_feat_avx
 static vlm_cpu_path s_best = VLM_CPU_SCALAR;
 static vlm_cpu_path s_path = VLM_CPU_SCALAR;
 static int s_threads = 1;
-/* Prefill threshold: at n >= this, OpenBLAS on converted panels beats the dot-row kernels
- * (measured with bench/matmul on the dev machine; see docs/cpu-kernels.md). */
+/* Prefill threshold: at n >= this, OpenBLAS on converted panels beats the dot-row kernels. On the
+ * dev machine (2 shared cores, bench/matmul and docs/cpu-kernels.md) the dot-row kernels won at
+ * n = 8..128 and OpenBLAS at n = 512 (~1.7x); 128 keeps the measured-faster side in both. */
 #ifdef VLM_HAVE_OPENBLAS
-static int64_t s_gemm_min_rows = 32;
+static int64_t s_gemm_min_rows = 128;
 #else
 static int64_t s_gemm_min_rows = 0;
 #endif
@@ -261,8 +262,9 @@ static void linear_gemm(const float *x, int64_t n, int64_t k, const vlm_tensor *
     for (int64_t j0 = 0; j0 < m; j0 += PANEL_ROWS) {
         const int64_t rows = m - j0 < PANEL_ROWS ? m - j0 : PANEL_ROWS;
         const char *src = (const char *)w->data + (size_t)j0 * (size_t)k * esz;
-        // panel: [rows, k] f32 copy of W[j0 : j0+rows]
-#pragma omp parallel for schedule(static)
+        // panel: [rows, k] f32 copy of W[j0 : j0+rows]. Converted on this thread on purpose: an
+        // OpenMP region here leaves its workers spinning while OpenBLAS's own pthreads want the
+        // same cores (measured 2x slower with 2 threads); conversion is ~1/n of the sgemm work.
         for (int64_t r = 0; r < rows; r++)
             vlm_cpu_convert_row(src + (size_t)r * (size_t)k * esz, w->dtype, k,
                                 panel + (size_t)r * (size_t)k);

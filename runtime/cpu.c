@@ -239,13 +239,16 @@ void vlm_cpu_convert_row(const void *w, vlm_dtype dt, int64_t n, float *out) {
 }
 
 void vlm_dot_rows_scalar(const float *x, int64_t ldx, int nx, int64_t k, const void *w,
-                         vlm_dtype dt, float *out) {
-    float acc[VLM_DOT_MAX_ROWS] = {0};
-    for (int64_t t = 0; t < k; t++) {
-        float wv = elem_at(w, dt, t);
-        for (int i = 0; i < nx; i++) acc[i] += x[i * ldx + t] * wv;
+                         size_t ldw_bytes, int nw, vlm_dtype dt, float *out) {
+    for (int r = 0; r < nw; r++) {
+        const void *wr = (const char *)w + r * ldw_bytes;
+        float acc[VLM_DOT_MAX_ROWS] = {0};
+        for (int64_t t = 0; t < k; t++) {
+            const float wv = elem_at(wr, dt, t);
+            for (int i = 0; i < nx; i++) acc[i] += x[i * ldx + t] * wv;
+        }
+        for (int i = 0; i < nx; i++) out[r * VLM_DOT_MAX_ROWS + i] = acc[i];
     }
-    for (int i = 0; i < nx; i++) out[i] = acc[i];
 }
 
 /* ---- vlm_linear ---- */
@@ -301,16 +304,25 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
     const vlm_dot_rows_fn dot = s_kernels[s_path];
     const size_t esz = elem_size(w->dtype);
     const vlm_dtype dt = w->dtype;
-    // y: [n, m]; each thread owns a contiguous block of weight rows and streams it once
+    // y: [n, m]; each thread owns a contiguous block of weight-row pairs and streams it once.
+    // n = 1 takes one weight row per call (bandwidth bound, nothing to reuse); n > 1 takes two.
+    const int nw = n > 1 ? VLM_DOT_MAX_WROWS : 1;
+    const int64_t groups = (m + nw - 1) / nw;
+    const size_t ldw = (size_t)k * esz;
 #pragma omp parallel for schedule(static)
-    for (int64_t j = 0; j < m; j++) {
-        const char *wr = (const char *)w->data + (size_t)j * (size_t)k * esz;
-        const float b = bias ? elem_at(bias->data, bias->dtype, j) : 0.0f;
-        float out[VLM_DOT_MAX_ROWS];
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t j = g * nw;
+        const int rows = (int)(m - j < nw ? m - j : nw);
+        const char *wr = (const char *)w->data + (size_t)j * ldw;
+        float out[VLM_DOT_MAX_WROWS * VLM_DOT_MAX_ROWS];
         for (int64_t i0 = 0; i0 < n; i0 += VLM_DOT_MAX_ROWS) {
             const int nx = (int)(n - i0 < VLM_DOT_MAX_ROWS ? n - i0 : VLM_DOT_MAX_ROWS);
-            dot(x + i0 * k, k, nx, k, wr, dt, out);
-            for (int i = 0; i < nx; i++) y[(i0 + i) * m + j] = out[i] + b;
+            dot(x + i0 * k, k, nx, k, wr, ldw, rows, dt, out);
+            for (int r = 0; r < rows; r++) {
+                const float b = bias ? elem_at(bias->data, bias->dtype, j + r) : 0.0f;
+                for (int i = 0; i < nx; i++)
+                    y[(i0 + i) * m + j + r] = out[r * VLM_DOT_MAX_ROWS + i] + b;
+            }
         }
     }
 }

@@ -62,12 +62,20 @@ T256 void dot_rows(const float *x, int64_t ldx, const int nx, int64_t k, const v
     default: dot_rows(x, ldx, 4, k, w, DT, out); return;                                     \
     }
 
-__attribute__((target("avx2,fma,f16c"))) void
-vlm_dot_rows_avx2(const float *x, int64_t ldx, int nx, int64_t k, const void *w, vlm_dtype dt,
-                  float *out) {
+__attribute__((target("avx2,fma,f16c"))) static void
+dot_rows_1w(const float *x, int64_t ldx, int nx, int64_t k, const void *w, vlm_dtype dt, float *out) {
     switch (dt) {
     case VLM_F32: ROWS_CASES(VLM_F32)
     case VLM_BF16: ROWS_CASES(VLM_BF16)
     default: ROWS_CASES(VLM_F16)
     }
+}
+
+/* AVX2 has 16 vector registers: two weight rows x four x rows x two accumulators would spill, so
+ * weight rows are taken one at a time. */
+__attribute__((target("avx2,fma,f16c"))) void
+vlm_dot_rows_avx2(const float *x, int64_t ldx, int nx, int64_t k, const void *w, size_t ldw_bytes,
+                  int nw, vlm_dtype dt, float *out) {
+    for (int r = 0; r < nw; r++)
+        dot_rows_1w(x, ldx, nx, k, (const char *)w + r * ldw_bytes, dt, out + r * VLM_DOT_MAX_ROWS);
 }

@@ -9,18 +9,21 @@
 /* Kernel paths for vlm_linear, best last. */
 typedef enum { VLM_CPU_SCALAR = 0, VLM_CPU_AVX2, VLM_CPU_AVX512, VLM_CPU_PATH_COUNT } vlm_cpu_path;
 
-/* out[i] = dot(x[i*ldx .. +k], w[0..k)) for i < nx, 1 <= nx <= VLM_DOT_MAX_ROWS; w is one weight
- * row in dtype dt (F32, BF16 or F16). Accumulation is f32 in any order. */
+/* out[r * VLM_DOT_MAX_ROWS + i] = dot(x[i*ldx .. +k], weight row r) for i < nx and r < nw, with
+ * 1 <= nx <= VLM_DOT_MAX_ROWS and 1 <= nw <= VLM_DOT_MAX_WROWS; weight row r starts at
+ * w + r * ldw_bytes, in dtype dt (F32, BF16 or F16). Accumulation is f32 in any order. Taking two
+ * weight rows per call lets a kernel reuse each x load twice (n > 1 is compute bound). */
 #define VLM_DOT_MAX_ROWS 4
+#define VLM_DOT_MAX_WROWS 2
 typedef void (*vlm_dot_rows_fn)(const float *x, int64_t ldx, int nx, int64_t k, const void *w,
-                                vlm_dtype dt, float *out);
+                                size_t ldw_bytes, int nw, vlm_dtype dt, float *out);
 
 void vlm_dot_rows_scalar(const float *x, int64_t ldx, int nx, int64_t k, const void *w,
-                         vlm_dtype dt, float *out);
+                         size_t ldw_bytes, int nw, vlm_dtype dt, float *out);
 void vlm_dot_rows_avx2(const float *x, int64_t ldx, int nx, int64_t k, const void *w,
-                       vlm_dtype dt, float *out);
+                       size_t ldw_bytes, int nw, vlm_dtype dt, float *out);
 void vlm_dot_rows_avx512(const float *x, int64_t ldx, int nx, int64_t k, const void *w,
-                         vlm_dtype dt, float *out);
+                         size_t ldw_bytes, int nw, vlm_dtype dt, float *out);
 
 /* Converts n weight elements of dtype dt to f32 (used by the GEMM path for large n). */
 void vlm_cpu_convert_row(const void *w, vlm_dtype dt, int64_t n, float *out);

@@ -260,6 +260,7 @@ void vlm_dot_rows_scalar(const float *x, int64_t ldx, int nx, int64_t k, const v
 static void linear_gemm(const float *x, int64_t n, int64_t k, const vlm_tensor *w, float *y) {
     const int64_t m = w->shape[0];
     const size_t esz = elem_size(w->dtype);
+    CPU_ASSERT(n <= INT32_MAX && m <= INT32_MAX && k <= INT32_MAX); /* blasint may be 32-bit */
     float *panel = malloc((size_t)PANEL_ROWS * (size_t)k * sizeof(float));
     CPU_ASSERT(panel != NULL);
     for (int64_t j0 = 0; j0 < m; j0 += PANEL_ROWS) {
@@ -336,6 +337,8 @@ void vlm_gemm_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, 
     if (m == 0 || n == 0) return;
 #ifdef VLM_HAVE_OPENBLAS
     if (k > 0) {
+        CPU_ASSERT(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && lda <= INT32_MAX &&
+                   ldb <= INT32_MAX && ldc <= INT32_MAX); /* blasint may be 32-bit */
         cblas_sgemm(CblasRowMajor, CblasNoTrans, b_trans ? CblasTrans : CblasNoTrans, (blasint)m,
                     (blasint)n, (blasint)k, 1.0f, a, (blasint)lda, b, (blasint)ldb, beta, c,
                     (blasint)ldc);

@@ -6,6 +6,10 @@
 #if !__has_include("cpu_internal.h")
 #include <omp.h>
 #include <stdio.h>
+#include <stdlib.h>
+#ifdef VLM_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
 
 static int g_threads = 1;
 
@@ -31,6 +35,27 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
                 float *y) {
     int64_t m = w->shape[0];
     VLM_ASSERT(w->ndim == 2 && w->shape[1] == k);
+#ifdef VLM_HAVE_OPENBLAS
+    /* blocks of 1024 weight rows, widened to f32 when stored as bf16/f16, then one sgemm each */
+    const int64_t BR = 1024;
+    float *tmp = w->dtype == VLM_F32 ? NULL : malloc((size_t)(BR * k) * sizeof(float));
+    for (int64_t j0 = 0; j0 < m; j0 += BR) {
+        int64_t nb = m - j0 < BR ? m - j0 : BR;
+        const float *wb = (const float *)w->data + j0 * k;
+        if (tmp) {
+#pragma omp parallel for schedule(static)
+            for (int64_t t = 0; t < nb * k; t++) tmp[t] = w_at(w, j0 * k + t);
+            wb = tmp;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)nb, (int)k, 1.0f, x, (int)k, wb, (int)k,
+                    0.0f, y + j0, (int)m);
+    }
+    free(tmp);
+    if (bias)
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t j = 0; j < m; j++) y[i * m + j] += w_at(bias, j);
+    return;
+#endif
 #pragma omp parallel for schedule(static)
     for (int64_t j = 0; j < m; j++) {
         float wrow[k > 0 ? k : 1];

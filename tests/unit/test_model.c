@@ -320,9 +320,10 @@ static void test_chunked_prefill(void) {
 }
 static void test_preemption(void) {
     /* tiny-f32-tied: 2 layers x 2 kv heads x 16 dims; a page of 16 tokens = 2*2*16*32*4 = 8 KiB.
-     * 20 pages (320 tokens) hold the largest sequence (two_images ~ 200 tokens + 24) but not all four. */
+     * 12 pages (192 tokens) hold the largest sequence (image: 89 + 24 tokens, 8 pages) but not all four
+     * (23 pages together). */
     batch_check("tiny-f32-tied", (vlm_engine_opts){.threads = 2, .max_seqs = 8, .max_batch_tokens = 64,
-                                                   .kv_memory_bytes = 20 * 8192}, false, true);
+                                                   .kv_memory_bytes = 12 * 8192}, false, true);
 }
 
 static void test_add_errors(void) {

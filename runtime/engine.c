@@ -308,6 +308,43 @@ static float *kv_at(const vlm_engine *e, float *pool, int layer, const seq *s, i
     return pool + (((int64_t)layer * e->n_pages + page) * pt + t % pt) * e->kvd;
 }
 
+/* Attention of a prefill chunk: rows s0..s0+n-1 of sequence s over its tokens 0..s0+n-1.
+ * q, out: [n, nh*hd] (row stride nh*hd). Per KV head the context is gathered from the pages into
+ * contiguous K/V, then per query head S = Q·Kᵀ (scaled, causal mask, f32 softmax) and O = S·V. */
+static void chunk_attention(vlm_engine *e, int l, const seq *s, int64_t s0, int64_t n, const float *q, float *out,
+                            float scale) {
+    const vlm_model_config *c = &e->m->cfg;
+    int64_t hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads, Q = nh * hd, T = s0 + n, grp = nh / nkv;
+    float *kc = malloc((size_t)(T * hd) * sizeof(float)), *vc = malloc((size_t)(T * hd) * sizeof(float));
+    float *S = malloc((size_t)(n * T) * sizeof(float));
+    VLM_ASSERT(kc && vc && S);
+    for (int64_t kh = 0; kh < nkv; kh++) {
+        for (int64_t t = 0; t < T; t++) {
+            memcpy(kc + t * hd, kv_at(e, e->k_pool, l, s, t) + kh * hd, (size_t)hd * sizeof(float));
+            memcpy(vc + t * hd, kv_at(e, e->v_pool, l, s, t) + kh * hd, (size_t)hd * sizeof(float));
+        }
+        for (int64_t h = kh * grp; h < (kh + 1) * grp; h++) {
+            vlm_gemm_f32(n, T, hd, q + h * hd, Q, kc, hd, true, 0.0f, S, T); // S: [n, T]
+#pragma omp parallel for schedule(static)
+            for (int64_t i = 0; i < n; i++) {
+                float *row = S + i * T;
+                int64_t lim = s0 + i + 1; /* causal: keys 0..s0+i */
+                float mx = -INFINITY;
+                for (int64_t t = 0; t < lim; t++) { row[t] *= scale; if (row[t] > mx) mx = row[t]; }
+                float sum = 0;
+                for (int64_t t = 0; t < lim; t++) { row[t] = expf(row[t] - mx); sum += row[t]; }
+                float inv = 1.0f / sum;
+                for (int64_t t = 0; t < lim; t++) row[t] *= inv;
+                for (int64_t t = lim; t < T; t++) row[t] = 0.0f;
+            }
+            vlm_gemm_f32(n, hd, T, S, T, vc, hd, false, 0.0f, out + h * hd, Q); // out: [n, hd] per head
+        }
+    }
+    free(kc);
+    free(vc);
+    free(S);
+}
+
 static void forward(vlm_engine *e, sched *sc, int n_sc, int64_t R) {
     const vlm_model *m = e->m;
     const vlm_model_config *c = &m->cfg;
@@ -347,11 +384,13 @@ static void forward(vlm_engine *e, sched *sc, int n_sc, int64_t R) {
             memcpy(kv_at(e, e->k_pool, l, s, e->row_idx[r]), e->k + r * KV, (size_t)KV * sizeof(float));
             memcpy(kv_at(e, e->v_pool, l, s, e->row_idx[r]), e->v + r * KV, (size_t)KV * sizeof(float));
         }
-        /* attention: row r at index i of its sequence attends to tokens 0..i (causal over all pages) */
+        /* attention: row r at index i of its sequence attends to tokens 0..i (causal over all pages).
+         * Single rows (decode) take the per-row loop; prefill chunks use matrix products per head. */
         int64_t grp = nh / nkv;
 #pragma omp parallel for schedule(dynamic, 1) collapse(2)
         for (int64_t r = 0; r < R; r++)
             for (int64_t h = 0; h < nh; h++) {
+                if (sc[e->row_seq[r]].n > 1) continue;
                 seq *s = sc[e->row_seq[r]].s;
                 int64_t n = e->row_idx[r] + 1, kh = h / grp;
                 const float *qh = e->q + r * Q + h * hd;
@@ -377,6 +416,9 @@ static void forward(vlm_engine *e, sched *sc, int n_sc, int64_t R) {
                 }
                 free(sc_buf);
             }
+        for (int k = 0, r0 = 0; k < n_sc; r0 += (int)sc[k].n, k++)
+            if (sc[k].n > 1) chunk_attention(e, l, sc[k].s, sc[k].start, sc[k].n, e->q + (int64_t)r0 * Q,
+                                             e->att + (int64_t)r0 * Q, scale);
         vlm_linear(e->att, R, Q, w->o, NULL, e->a); // a: [R, H]
         for (int64_t i = 0; i < R * H; i++) e->x[i] += e->a[i];
         vlm_rms_norm(e->x, w->post_norm, c->rms_eps, R, H, e->a);

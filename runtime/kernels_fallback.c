@@ -72,6 +72,11 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
 
 void vlm_gemm_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b,
                   int64_t ldb, bool b_trans, float beta, float *c, int64_t ldc) {
+#ifdef VLM_HAVE_OPENBLAS
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, b_trans ? CblasTrans : CblasNoTrans, (int)m, (int)n, (int)k, 1.0f, a,
+                (int)lda, b, (int)ldb, beta, c, (int)ldc);
+    return;
+#endif
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = 0; j < n; j++) {
             float s = 0;

@@ -258,6 +258,13 @@ typedef struct {
 } vlm_engine_stats;
 void vlm_engine_get_stats(const vlm_engine *e, vlm_engine_stats *s);
 
+/* Convenience for `vlmd generate` and tests: adds one sequence to an (otherwise idle or shared)
+ * engine and steps until it finishes, calling cb for each of its events (other sequences' events
+ * are dropped, so use a dedicated engine). cb returns false to cancel. *finish receives the reason. */
+typedef bool (*vlm_token_cb)(const vlm_token_event *ev, void *user);
+vlm_status vlm_generate(vlm_engine *e, const vlm_seq_desc *d, vlm_token_cb cb, void *user,
+                        vlm_finish *finish, char *err, size_t errlen);
+
 /* M-RoPE positions (SPEC §C.2): pos is [3][n] (t, h, w streams); returns rope_delta. Exposed for
  * tests and for chunked prefill. grids: n_images x {t,h,w} in patches; merge = spatial merge. */
 int64_t vlm_rope_index(const vlm_model_config *cfg, const int32_t *ids, int64_t n,

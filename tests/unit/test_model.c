@@ -389,6 +389,37 @@ static void test_add_errors(void) {
     vlm_model_free(m);
 }
 
+static bool collect(const vlm_token_event *ev, void *user) {
+    int32_t *buf = user;
+    if (ev->token >= 0 && buf[0] < 8) buf[1 + buf[0]++] = ev->token;
+    return buf[0] < 5; /* cancel after 5 tokens */
+}
+
+/* vlm_generate: tokens through the callback; returning false cancels */
+static void test_generate_loop(void) {
+    vlm_model *m = load_model("tiny-f32-tied", false);
+    if (!m) return;
+    fcase c;
+    if (case_load(&c, "tiny-f32-tied", "text")) {
+        vlm_engine *e = NULL;
+        char err[256];
+        vlm_engine_opts eo = {.threads = 2};
+        CHECK(vlm_engine_create(m, &eo, &e, err, sizeof err) == VLM_OK);
+        vlm_seq_desc d = desc_of(&c, 16);
+        int32_t buf[9] = {0};
+        vlm_finish fin = VLM_FINISH_NONE;
+        CHECK_EQ_INT(vlm_generate(e, &d, collect, buf, &fin, err, sizeof err), VLM_OK);
+        CHECK_EQ_INT(fin, VLM_FINISH_CANCELLED);
+        CHECK_EQ_INT(buf[0], 5);
+        const cJSON *g = cJSON_GetObjectItem(c.j, "greedy_ids");
+        for (int i = 0; i < buf[0]; i++) CHECK_EQ_INT(buf[1 + i], (int)cJSON_GetArrayItem(g, i)->valuedouble);
+        CHECK_EQ_INT(vlm_engine_active(e), 0);
+        vlm_engine_free(e);
+    }
+    case_free(&c);
+    vlm_model_free(m);
+}
+
 /* convert_f32 gives the same tokens as the mmapped bf16 weights (both compute in f32) */
 static void test_convert_f32(void) {
     vlm_model *m = load_model("tiny-bf16-untied", true);
@@ -427,5 +458,6 @@ int main(void) {
     RUN(test_preemption);
     RUN(test_add_errors);
     RUN(test_convert_f32);
+    RUN(test_generate_loop);
     TEST_MAIN_END("model");
 }

@@ -1,0 +1,351 @@
+/* cpu.c — CPU kernel dispatch: feature detection, thread setup, vlm_linear and vlm_gemm_f32.
+ *
+ * vlm_linear has two regimes (docs/cpu-kernels.md has the measurements behind them):
+ *   - few rows (decode, n < gemm_min_rows): memory-bandwidth bound. Each thread streams its own
+ *     contiguous block of weight rows once and applies every x row to a weight row while it is in
+ *     L1 (up to VLM_DOT_MAX_ROWS x rows per kernel call), so n = 4..64 reads the weights once.
+ *     The dot-row kernel is scalar, AVX2+FMA or AVX-512, picked at run time.
+ *   - many rows (prefill, vision): compute bound. With OpenBLAS, panels of weight rows are
+ *     converted to f32 once per call and multiplied with sgemm; without it, the dot-row kernels.
+ * All accumulation is f32. */
+#include "runtime/cpu_internal.h"
+
+#include <omp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef VLM_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
+
+/* Invariant check local to the kernels so this file links on its own (same contract as
+ * VLM_ASSERT: a broken invariant, never user input, aborts with the location). */
+#define CPU_ASSERT(cond)                                                                      \
+    do {                                                                                      \
+        if (!(cond)) cpu_invariant_failed(__FILE__, __LINE__, #cond);                         \
+    } while (0)
+static _Noreturn void cpu_invariant_failed(const char *file, int line, const char *what) {
+    fprintf(stderr, "vlmd: invariant failed at %s:%d: %s\n", file, line, what);
+    abort();
+}
+
+/* ---- state: detected once, then read-only except the forced path and the thread count ---- */
+static pthread_once_t s_once = PTHREAD_ONCE_INIT;
+static bool s_feat_avx2, s_feat_fma, s_feat_avx512f, s_feat_avx512bw, s_feat_avx512bf16,
+    s_feat_avx512vnni, s_feat_amxbf16, s_feat_amxtile;
+static vlm_cpu_path s_best = VLM_CPU_SCALAR;
+static vlm_cpu_path s_path = VLM_CPU_SCALAR;
+static int s_threads = 1;
+/* Prefill threshold: at n >= this, OpenBLAS on converted panels beats the dot-row kernels
+ * (measured with bench/matmul on the dev machine; see docs/cpu-kernels.md). */
+#ifdef VLM_HAVE_OPENBLAS
+static int64_t s_gemm_min_rows = 32;
+#else
+static int64_t s_gemm_min_rows = 0;
+#endif
+static char s_model[128] = "unknown CPU";
+static char s_desc[512];
+
+static const vlm_dot_rows_fn s_kernels[VLM_CPU_PATH_COUNT] = {
+    vlm_dot_rows_scalar, vlm_dot_rows_avx2, vlm_dot_rows_avx512};
+static const char *const s_path_names[VLM_CPU_PATH_COUNT] = {"scalar", "avx2", "avx512"};
+
+static void read_cpu_model(void) {
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f) return;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "model name", 10) != 0) continue;
+        const char *p = strchr(line, ':');
+        if (!p) break;
+        p++;
+        while (*p == ' ' || *p == '\t') p++;
+        snprintf(s_model, sizeof s_model, "%s", p);
+        s_model[strcspn(s_model, "\n")] = 0;
+        break;
+    }
+    fclose(f);
+}
+
+/* F16C and AMX come from cpuid directly (gcc 12's __builtin_cpu_supports lacks some of them). */
+static void cpuid(unsigned leaf, unsigned sub, unsigned r[4]) {
+    unsigned a = leaf, b = 0, c = sub, d = 0;
+    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+    r[0] = a, r[1] = b, r[2] = c, r[3] = d;
+}
+
+static bool s_feat_f16c;
+static void detect_cpuid_bits(void) {
+    unsigned r[4];
+    cpuid(1, 0, r);
+    s_feat_f16c = (r[2] >> 29) & 1; /* the AVX2 kernel converts F16 weights with vcvtph2ps */
+    cpuid(0, 0, r);
+    if (r[0] < 7) return;
+    cpuid(7, 0, r);
+    s_feat_amxbf16 = (r[3] >> 22) & 1;
+    s_feat_amxtile = (r[3] >> 24) & 1;
+}
+
+static void detect_once(void) {
+    __builtin_cpu_init();
+    s_feat_avx2 = __builtin_cpu_supports("avx2");
+    s_feat_fma = __builtin_cpu_supports("fma");
+    s_feat_avx512f = __builtin_cpu_supports("avx512f");
+    s_feat_avx512bw = __builtin_cpu_supports("avx512bw");
+    s_feat_avx512bf16 = __builtin_cpu_supports("avx512bf16");
+    s_feat_avx512vnni = __builtin_cpu_supports("avx512vnni");
+    detect_cpuid_bits();
+    read_cpu_model();
+    if (s_feat_avx2 && s_feat_fma && s_feat_f16c) s_best = VLM_CPU_AVX2;
+    if (s_best == VLM_CPU_AVX2 && s_feat_avx512f && s_feat_avx512bw) s_best = VLM_CPU_AVX512;
+    s_path = s_best;
+    s_threads = omp_get_max_threads();
+    const char *env = getenv("VLMD_CPU_PATH");
+    if (env && *env && vlm_cpu_force_path(env) != 0)
+        fprintf(stderr, "vlmd: VLMD_CPU_PATH=%s not usable on this CPU; using %s\n", env,
+                s_path_names[s_path]);
+}
+
+static void ensure_init(void) { pthread_once(&s_once, detect_once); }
+
+bool vlm_cpu_path_supported(vlm_cpu_path p) {
+    ensure_init();
+    return p >= VLM_CPU_SCALAR && p <= s_best;
+}
+
+const char *vlm_cpu_path_name(vlm_cpu_path p) {
+    return (p >= 0 && p < VLM_CPU_PATH_COUNT) ? s_path_names[p] : "?";
+}
+
+int vlm_cpu_force_path(const char *name) {
+    ensure_init();
+    if (!strcmp(name, "auto")) {
+        s_path = s_best;
+        return 0;
+    }
+    for (int p = 0; p < VLM_CPU_PATH_COUNT; p++) {
+        if (strcmp(name, s_path_names[p]) != 0) continue;
+        if (!vlm_cpu_path_supported((vlm_cpu_path)p)) return -1;
+        s_path = (vlm_cpu_path)p;
+        return 0;
+    }
+    return -1;
+}
+
+vlm_cpu_path vlm_cpu_active_path(void) {
+    ensure_init();
+    return s_path;
+}
+
+int64_t vlm_cpu_set_gemm_min_rows(int64_t rows) {
+    int64_t old = s_gemm_min_rows;
+#ifdef VLM_HAVE_OPENBLAS
+    s_gemm_min_rows = rows < 0 ? 0 : rows;
+#else
+    (void)rows; /* no GEMM path without OpenBLAS: the dot-row kernels handle every n */
+#endif
+    return old;
+}
+
+void vlm_cpu_init(int threads) {
+    ensure_init();
+    if (threads <= 0) threads = omp_get_num_procs();
+    if (threads < 1) threads = 1;
+    s_threads = threads;
+    omp_set_num_threads(threads);
+#ifdef VLM_HAVE_OPENBLAS
+    openblas_set_num_threads(threads);
+#endif
+}
+
+int vlm_cpu_threads(void) {
+    ensure_init();
+    return s_threads;
+}
+
+const char *vlm_cpu_describe(void) {
+    ensure_init();
+    char feats[200] = "";
+    const struct { bool on; const char *name; } f[] = {
+        {s_feat_avx2, "avx2"},           {s_feat_fma, "fma"},
+        {s_feat_avx512f, "avx512f"},     {s_feat_avx512bw, "avx512bw"},
+        {s_feat_avx512bf16, "avx512_bf16"}, {s_feat_avx512vnni, "avx512_vnni"},
+        {s_feat_amxbf16, "amx_bf16"},    {s_feat_amxtile, "amx_tile"},
+    };
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
+        if (!f[i].on) continue;
+        size_t len = strlen(feats);
+        snprintf(feats + len, sizeof feats - len, "%s%s", len ? "," : "", f[i].name);
+    }
+#ifdef VLM_HAVE_OPENBLAS
+    const char *gemm = "openblas";
+#else
+    const char *gemm = "builtin";
+#endif
+    snprintf(s_desc, sizeof s_desc, "%s; features=%s; linear_bf16=%s prefill=%s gemm_f32=%s; threads=%d",
+             s_model, feats[0] ? feats : "none", s_path_names[s_path],
+             s_gemm_min_rows > 0 ? gemm : s_path_names[s_path], gemm, s_threads);
+    return s_desc;
+}
+
+/* ---- element conversion (scalar; the SIMD kernels convert in registers) ---- */
+static float cpu_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalise */
+        int e = -1;
+        do {
+            man <<= 1;
+            e++;
+        } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+    union { uint32_t u; float f; } v = {bits};
+    return v.f;
+}
+
+static size_t elem_size(vlm_dtype dt) {
+    switch (dt) {
+    case VLM_F32: return 4;
+    case VLM_BF16:
+    case VLM_F16: return 2;
+    default: return 0;
+    }
+}
+
+static float elem_at(const void *p, vlm_dtype dt, int64_t i) {
+    switch (dt) {
+    case VLM_F32: return ((const float *)p)[i];
+    case VLM_BF16: return vlm_bf16_to_f32(((const uint16_t *)p)[i]);
+    case VLM_F16: return cpu_f16_to_f32(((const uint16_t *)p)[i]);
+    default: CPU_ASSERT(!"unsupported dtype"); return 0;
+    }
+}
+
+void vlm_cpu_convert_row(const void *w, vlm_dtype dt, int64_t n, float *out) {
+    if (dt == VLM_F32) {
+        memcpy(out, w, (size_t)n * sizeof(float));
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) out[i] = elem_at(w, dt, i);
+}
+
+void vlm_dot_rows_scalar(const float *x, int64_t ldx, int nx, int64_t k, const void *w,
+                         vlm_dtype dt, float *out) {
+    float acc[VLM_DOT_MAX_ROWS] = {0};
+    for (int64_t t = 0; t < k; t++) {
+        float wv = elem_at(w, dt, t);
+        for (int i = 0; i < nx; i++) acc[i] += x[i * ldx + t] * wv;
+    }
+    for (int i = 0; i < nx; i++) out[i] = acc[i];
+}
+
+/* ---- vlm_linear ---- */
+#ifdef VLM_HAVE_OPENBLAS
+/* Weight rows per converted panel: 96 rows x k=1536 f32 = 576 KiB, inside a 1-2 MiB L2, and a
+ * multiple of OpenBLAS's register tile. */
+#define PANEL_ROWS 96
+
+static void linear_gemm(const float *x, int64_t n, int64_t k, const vlm_tensor *w, float *y) {
+    const int64_t m = w->shape[0];
+    const size_t esz = elem_size(w->dtype);
+    float *panel = malloc((size_t)PANEL_ROWS * (size_t)k * sizeof(float));
+    CPU_ASSERT(panel != NULL);
+    for (int64_t j0 = 0; j0 < m; j0 += PANEL_ROWS) {
+        const int64_t rows = m - j0 < PANEL_ROWS ? m - j0 : PANEL_ROWS;
+        const char *src = (const char *)w->data + (size_t)j0 * (size_t)k * esz;
+        // panel: [rows, k] f32 copy of W[j0 : j0+rows]
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            vlm_cpu_convert_row(src + (size_t)r * (size_t)k * esz, w->dtype, k,
+                                panel + (size_t)r * (size_t)k);
+        // y[:, j0:j0+rows] = x[n, k] . panel^T
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)n, (blasint)rows,
+                    (blasint)k, 1.0f, x, (blasint)k, panel, (blasint)k, 0.0f, y + j0, (blasint)m);
+    }
+    free(panel);
+}
+#endif
+
+void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const vlm_tensor *bias,
+                float *y) {
+    ensure_init();
+    CPU_ASSERT(w->ndim == 2 && w->shape[1] == k && n >= 0 && k >= 0);
+    CPU_ASSERT(w->dtype == VLM_F32 || w->dtype == VLM_BF16 || w->dtype == VLM_F16);
+    const int64_t m = w->shape[0];
+    if (bias) {
+        CPU_ASSERT(bias->dtype == VLM_F32 || bias->dtype == VLM_BF16);
+        CPU_ASSERT(bias->ndim == 1 && bias->shape[0] == m);
+    }
+    if (n == 0 || m == 0) return;
+#ifdef VLM_HAVE_OPENBLAS
+    if (s_gemm_min_rows > 0 && n >= s_gemm_min_rows && k > 0) {
+        linear_gemm(x, n, k, w, y);
+        if (bias) {
+#pragma omp parallel for schedule(static)
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t j = 0; j < m; j++) y[i * m + j] += elem_at(bias->data, bias->dtype, j);
+        }
+        return;
+    }
+#endif
+    const vlm_dot_rows_fn dot = s_kernels[s_path];
+    const size_t esz = elem_size(w->dtype);
+    const vlm_dtype dt = w->dtype;
+    // y: [n, m]; each thread owns a contiguous block of weight rows and streams it once
+#pragma omp parallel for schedule(static)
+    for (int64_t j = 0; j < m; j++) {
+        const char *wr = (const char *)w->data + (size_t)j * (size_t)k * esz;
+        const float b = bias ? elem_at(bias->data, bias->dtype, j) : 0.0f;
+        float out[VLM_DOT_MAX_ROWS];
+        for (int64_t i0 = 0; i0 < n; i0 += VLM_DOT_MAX_ROWS) {
+            const int nx = (int)(n - i0 < VLM_DOT_MAX_ROWS ? n - i0 : VLM_DOT_MAX_ROWS);
+            dot(x + i0 * k, k, nx, k, wr, dt, out);
+            for (int i = 0; i < nx; i++) y[(i0 + i) * m + j] = out[i] + b;
+        }
+    }
+}
+
+/* ---- vlm_gemm_f32 ---- */
+void vlm_gemm_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b,
+                  int64_t ldb, bool b_trans, float beta, float *c, int64_t ldc) {
+    ensure_init();
+    CPU_ASSERT(m >= 0 && n >= 0 && k >= 0 && lda >= k && ldc >= n);
+    CPU_ASSERT(ldb >= (b_trans ? k : n));
+    if (m == 0 || n == 0) return;
+#ifdef VLM_HAVE_OPENBLAS
+    if (k > 0) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, b_trans ? CblasTrans : CblasNoTrans, (blasint)m,
+                    (blasint)n, (blasint)k, 1.0f, a, (blasint)lda, b, (blasint)ldb, beta, c,
+                    (blasint)ldc);
+        return;
+    }
+#endif
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < m; i++) {
+        // c[i, :] = beta * c[i, :] + a[i, :k] . op(b)
+        float *ci = c + i * ldc;
+        const float *ai = a + i * lda;
+        for (int64_t j = 0; j < n; j++) ci[j] = beta == 0.0f ? 0.0f : beta * ci[j];
+        if (b_trans) {
+            for (int64_t j = 0; j < n; j++) {
+                const float *bj = b + j * ldb;
+                float s = 0.0f;
+                for (int64_t t = 0; t < k; t++) s += ai[t] * bj[t];
+                ci[j] += s;
+            }
+        } else {
+            for (int64_t t = 0; t < k; t++) {
+                const float av = ai[t], *bt = b + t * ldb;
+                for (int64_t j = 0; j < n; j++) ci[j] += av * bt[j];
+            }
+        }
+    }
+}

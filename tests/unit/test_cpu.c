@@ -1,0 +1,211 @@
+/* test_cpu.c — CPU kernels against a double-precision reference: vlm_linear on every kernel path
+ * this CPU supports (scalar, avx2, avx512) and on the OpenBLAS GEMM path, for F32/BF16/F16
+ * weights, awkward shapes, with and without bias (F32, BF16); vlm_gemm_f32 with and without
+ * transpose, padded leading dimensions, beta 0 and 1; feature description and threads. */
+#include "runtime/cpu_internal.h"
+#include "tests/unit/test.h"
+
+#include <stdint.h>
+#include <stdlib.h>
+
+/* f32 accumulation of k products differs from the exact sum by at most k*eps*sum|x_t w_t| in the
+ * worst case and about sqrt(k)*eps*sum|x_t w_t| in practice (eps = 2^-24 ~ 6e-8). 1e-5 of
+ * sum|x_t w_t| is ~170 eps: above sqrt(1536) = 39 eps for our largest k, and below the error of a
+ * single wrong or missing term (~sum/k = 6.5e-4 of the sum at k = 1536). */
+#define LINEAR_REL_TOL 1e-5
+#define LINEAR_ABS_TOL 1e-6
+
+static uint64_t s_rng = 0x9E3779B97F4A7C15ull;
+static uint32_t rnd_u32(void) {
+    s_rng ^= s_rng << 13, s_rng ^= s_rng >> 7, s_rng ^= s_rng << 17;
+    return (uint32_t)(s_rng >> 11);
+}
+static float rnd_unit(void) { return (float)((double)rnd_u32() / 2147483648.0 - 1.0); } /* [-1,1) */
+
+/* Test-local decoders, written independently of the kernels. */
+static double bf16_val(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+static double f16_val(uint16_t h) {
+    int sign = h >> 15, e = (h >> 10) & 31, man = h & 1023;
+    double v = e == 0 ? ldexp(man, -24) : ldexp(1024 + man, e - 25);
+    return sign ? -v : v;
+}
+/* Random F16 with exponents 2^-5..2^4 plus some subnormals (exercises every conversion branch). */
+static uint16_t rnd_f16(void) {
+    uint32_t r = rnd_u32();
+    unsigned e = (r % 16 == 0) ? 0 : 10 + (r >> 4) % 10;
+    return (uint16_t)(((r >> 9) & 1) << 15 | e << 10 | ((r >> 12) & 1023));
+}
+
+typedef struct {
+    vlm_dtype dt;
+    void *data;
+    double *val; /* decoded, for the reference */
+} wbuf;
+
+static wbuf make_w(vlm_dtype dt, int64_t count) {
+    wbuf b = {dt, malloc((size_t)(count ? count : 1) * 4), malloc((size_t)(count ? count : 1) * 8)};
+    for (int64_t i = 0; i < count; i++) {
+        if (dt == VLM_F32) {
+            ((float *)b.data)[i] = rnd_unit();
+            b.val[i] = ((float *)b.data)[i];
+        } else if (dt == VLM_BF16) {
+            union { float f; uint32_t u; } v = {rnd_unit()};
+            ((uint16_t *)b.data)[i] = (uint16_t)(v.u >> 16);
+            b.val[i] = bf16_val((uint16_t)(v.u >> 16));
+        } else {
+            ((uint16_t *)b.data)[i] = rnd_f16();
+            b.val[i] = f16_val(((uint16_t *)b.data)[i]);
+        }
+    }
+    return b;
+}
+static void free_w(wbuf *b) { free(b->data), free(b->val); }
+
+static vlm_tensor tensor2(const wbuf *b, int64_t rows, int64_t cols) {
+    vlm_tensor t = {.dtype = b->dt, .ndim = 2, .shape = {rows, cols}, .data = b->data};
+    t.nbytes = (size_t)(rows * cols) * (b->dt == VLM_F32 ? 4 : 2);
+    return t;
+}
+
+static const int64_t NS[] = {1, 2, 3, 7, 17, 64, 130};
+static const int64_t KS[] = {1, 15, 16, 17, 64, 100, 1536};
+static const int64_t MS[] = {1, 5, 31, 257};
+#define LEN(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+/* Runs every shape/dtype/bias case through the currently selected path; returns the worst
+ * error as a fraction of the tolerance (for the log). */
+static double linear_cases(const char *label) {
+    double worst = 0;
+    int bias_kind = 0;
+    for (int dti = 0; dti < 3; dti++) {
+        const vlm_dtype dt = dti == 0 ? VLM_F32 : dti == 1 ? VLM_BF16 : VLM_F16;
+        for (int ni = 0; ni < LEN(NS); ni++)
+            for (int ki = 0; ki < LEN(KS); ki++)
+                for (int mi = 0; mi < LEN(MS); mi++) {
+                    const int64_t n = NS[ni], k = KS[ki], m = MS[mi];
+                    /* keep the suite quick: the largest n only with the largest k every other m */
+                    if (n == 130 && k == 1536 && mi % 2) continue;
+                    wbuf w = make_w(dt, m * k);
+                    const int bk = bias_kind++ % 3; /* 0 none, 1 f32, 2 bf16 */
+                    wbuf b = make_w(bk == 2 ? VLM_BF16 : VLM_F32, m);
+                    float *x = malloc((size_t)(n * k) * 4), *y = malloc((size_t)(n * m) * 4);
+                    for (int64_t i = 0; i < n * k; i++) x[i] = rnd_unit();
+                    vlm_tensor wt = tensor2(&w, m, k);
+                    vlm_tensor bt = {.dtype = b.dt, .ndim = 1, .shape = {m}, .data = b.data};
+                    vlm_linear(x, n, k, &wt, bk ? &bt : NULL, y);
+                    int bad = 0;
+                    for (int64_t i = 0; i < n && bad < 3; i++)
+                        for (int64_t j = 0; j < m && bad < 3; j++) {
+                            double ref = bk ? b.val[j] : 0, mag = bk ? fabs(b.val[j]) : 0;
+                            for (int64_t t = 0; t < k; t++) {
+                                const double p = (double)x[i * k + t] * w.val[j * k + t];
+                                ref += p, mag += fabs(p);
+                            }
+                            const double tol = LINEAR_REL_TOL * mag + LINEAR_ABS_TOL;
+                            const double err = fabs(y[i * m + j] - ref);
+                            if (err / tol > worst) worst = err / tol;
+                            if (!(err <= tol)) {
+                                bad++;
+                                CHECKF(0, "%s dt=%d n=%lld k=%lld m=%lld bias=%d y[%lld,%lld]=%.9g ref=%.9g",
+                                       label, (int)dt, (long long)n, (long long)k, (long long)m, bk,
+                                       (long long)i, (long long)j, y[i * m + j], ref);
+                            }
+                        }
+                    free(x), free(y);
+                    free_w(&w), free_w(&b);
+                }
+    }
+    fprintf(stderr, "  %s: worst error %.3f of tolerance\n", label, worst);
+    return worst;
+}
+
+static void test_linear_every_path(void) {
+    const int64_t old = vlm_cpu_set_gemm_min_rows(0); /* dot-row kernels for every n */
+    int covered = 0;
+    for (int p = 0; p < VLM_CPU_PATH_COUNT; p++) {
+        const char *name = vlm_cpu_path_name((vlm_cpu_path)p);
+        if (!vlm_cpu_path_supported((vlm_cpu_path)p)) {
+            CHECK(vlm_cpu_force_path(name) == -1);
+            fprintf(stderr, "  path %s: not supported by this CPU, skipped\n", name);
+            continue;
+        }
+        CHECK_EQ_INT(vlm_cpu_force_path(name), 0);
+        CHECK_EQ_INT(vlm_cpu_active_path(), p);
+        linear_cases(name);
+        covered++;
+    }
+    CHECK(covered >= 1);
+    CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
+    CHECK(vlm_cpu_force_path("no-such-path") == -1);
+    vlm_cpu_set_gemm_min_rows(old);
+}
+
+static void test_linear_gemm_path(void) {
+#ifdef VLM_HAVE_OPENBLAS
+    const int64_t old = vlm_cpu_set_gemm_min_rows(1); /* every n through converted panels + sgemm */
+    linear_cases("openblas-panels");
+    vlm_cpu_set_gemm_min_rows(old);
+#else
+    fprintf(stderr, "  built without OpenBLAS: no GEMM path to test\n");
+#endif
+}
+
+static void test_gemm_f32(void) {
+    const int64_t dims[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 31, 64}, {64, 130, 100}, {5, 257, 15}};
+    for (int di = 0; di < LEN(dims); di++)
+        for (int trans = 0; trans < 2; trans++)
+            for (int bi = 0; bi < 2; bi++) {
+                const int64_t m = dims[di][0], n = dims[di][1], k = dims[di][2];
+                const int64_t lda = k + 3, ldb = (trans ? k : n) + 5, ldc = n + 2;
+                const float beta = (float)bi;
+                const int64_t brows = trans ? n : k;
+                float *a = malloc((size_t)(m * lda) * 4), *b = malloc((size_t)(brows * ldb) * 4);
+                float *c = malloc((size_t)(m * ldc) * 4), *c0 = malloc((size_t)(m * ldc) * 4);
+                for (int64_t i = 0; i < m * lda; i++) a[i] = rnd_unit();
+                for (int64_t i = 0; i < brows * ldb; i++) b[i] = rnd_unit();
+                for (int64_t i = 0; i < m * ldc; i++)
+                    c0[i] = c[i] = (bi == 0 && i % ldc < n) ? NAN : rnd_unit(); /* beta 0 ignores C */
+                vlm_gemm_f32(m, n, k, a, lda, b, ldb, trans, beta, c, ldc);
+                int bad = 0;
+                for (int64_t i = 0; i < m; i++)
+                    for (int64_t j = 0; j < ldc; j++) {
+                        if (j >= n) { /* padding untouched */
+                            if (memcmp(&c[i * ldc + j], &c0[i * ldc + j], 4)) bad++;
+                            continue;
+                        }
+                        double ref = bi ? c0[i * ldc + j] : 0, mag = fabs(ref);
+                        for (int64_t t = 0; t < k; t++) {
+                            const double bv = trans ? b[j * ldb + t] : b[t * ldb + j];
+                            ref += (double)a[i * lda + t] * bv, mag += fabs((double)a[i * lda + t] * bv);
+                        }
+                        if (!(fabs(c[i * ldc + j] - ref) <= LINEAR_REL_TOL * mag + LINEAR_ABS_TOL)) bad++;
+                    }
+                CHECKF(bad == 0, "m=%lld n=%lld k=%lld trans=%d beta=%g: %d bad", (long long)m,
+                       (long long)n, (long long)k, trans, beta, bad);
+                free(a), free(b), free(c), free(c0);
+            }
+}
+
+static void test_describe_threads(void) {
+    vlm_cpu_init(2);
+    CHECK_EQ_INT(vlm_cpu_threads(), 2);
+    vlm_cpu_init(0); /* all online cores */
+    CHECK(vlm_cpu_threads() >= 1);
+    const char *d = vlm_cpu_describe();
+    fprintf(stderr, "  %s\n", d);
+    CHECK(strstr(d, "features=") != NULL);
+    CHECK(strstr(d, "linear_bf16=") != NULL);
+    CHECK(strstr(d, vlm_cpu_path_name(vlm_cpu_active_path())) != NULL);
+}
+
+int main(void) {
+    vlm_cpu_init(0);
+    RUN(test_describe_threads);
+    RUN(test_linear_every_path);
+    RUN(test_linear_gemm_path);
+    RUN(test_gemm_f32);
+    TEST_MAIN_END("cpu");
+}

@@ -78,7 +78,7 @@ int main(int argc, char **argv) {
     }
     int threads = argc > 2 ? atoi(argv[2]) : 2;
     vlm_cpu_init(threads);
-    printf("cpu: %s; threads=%d\n", vlm_cpu_describe(), vlm_cpu_threads());
+    printf("cpu: %s\n", vlm_cpu_describe());
     double bw = read_bandwidth();
     printf("memory read bandwidth: %.2f GB/s (1 GiB sum, best of 5)\n", bw / 1e9);
     vlm_model *m;

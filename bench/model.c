@@ -76,6 +76,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s MODEL_DIR [threads]\n", argv[0]);
         return 2;
     }
+    setvbuf(stdout, NULL, _IOLBF, 0); /* lines appear as each measurement ends */
     int threads = argc > 2 ? atoi(argv[2]) : 2;
     vlm_cpu_init(threads);
     printf("cpu: %s\n", vlm_cpu_describe());

@@ -1,0 +1,132 @@
+/* bench/model.c — decoder throughput on a checkpoint: decode tokens/s at batch 1, prefill tokens/s on a
+ * 512-token prompt, batched decode aggregate at 4 and 16 sequences, and the memory read bandwidth
+ * measured in the same run, so decode can be stated as a fraction of its bandwidth floor
+ * (weight bytes read per step / bandwidth).
+ *
+ *   build/bench/model MODEL_DIR [threads=2]
+ * e.g. python3 tools/make_model.py --name 2b-size --dtype bf16 --out /tmp/models; build/bench/model /tmp/models/2b-size */
+#include "runtime/runtime.h"
+
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Read bandwidth: sum a 1 GiB buffer with the configured threads; best of 5 passes. */
+static double read_bandwidth(void) {
+    size_t n = (size_t)1 << 27; /* 2^27 doubles = 1 GiB */
+    double *b = malloc(n * sizeof *b);
+    if (!b) return 0;
+#pragma omp parallel for
+    for (size_t i = 0; i < n; i++) b[i] = (double)(i & 7);
+    double best = 0, sink = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        double t0 = now(), s = 0;
+#pragma omp parallel for reduction(+ : s)
+        for (size_t i = 0; i < n; i++) s += b[i];
+        double dt = now() - t0;
+        sink += s;
+        if ((double)(n * sizeof *b) / dt > best) best = (double)(n * sizeof *b) / dt;
+    }
+    free(b);
+    if (sink < 0) printf("%g\n", sink);
+    return best;
+}
+
+static void prompt_ids(int32_t *p, int n, unsigned seed) {
+    for (int i = 0; i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        p[i] = (int32_t)((seed >> 8) % 150000u);
+    }
+}
+
+/* Adds n sequences, runs until all are prefilled, then times `steps` decode steps. Returns tokens/s. */
+static double decode_rate(vlm_model *m, int n, int steps) {
+    vlm_engine_opts eo = {.max_seqs = n, .max_batch_tokens = 512};
+    vlm_engine *e;
+    char err[256];
+    if (vlm_engine_create(m, &eo, &e, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 0; }
+    int32_t p[32];
+    for (int k = 0; k < n; k++) {
+        prompt_ids(p, 32, 7u + (unsigned)k);
+        vlm_seq_desc d = {.prompt = p, .n_prompt = 32, .max_tokens = steps + 4, .ignore_eos = true};
+        vlm_sampling_default(&d.sampling);
+        if (vlm_engine_add(e, &d, NULL, err, sizeof err)) { fprintf(stderr, "%s\n", err); vlm_engine_free(e); return 0; }
+    }
+    vlm_token_event ev[64];
+    int produced = 0;
+    while (produced < n) produced += vlm_engine_step(e, ev, 64); /* prefill (+ first tokens) */
+    double t0 = now();
+    int tok = 0;
+    for (int s = 0; s < steps; s++) tok += vlm_engine_step(e, ev, 64);
+    double dt = now() - t0;
+    vlm_engine_free(e);
+    return tok / dt;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s MODEL_DIR [threads]\n", argv[0]);
+        return 2;
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0); /* lines appear as each measurement ends */
+    int threads = argc > 2 ? atoi(argv[2]) : 2;
+    vlm_cpu_init(threads);
+    printf("cpu: %s\n", vlm_cpu_describe());
+    double bw = read_bandwidth();
+    printf("memory read bandwidth: %.2f GB/s (1 GiB sum, best of 5)\n", bw / 1e9);
+    vlm_model *m;
+    char err[512];
+    vlm_load_opts lo = {.threads = threads};
+    double t0 = now();
+    if (vlm_model_load(argv[1], &lo, &m, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
+    const vlm_model_config *c = vlm_model_cfg(m);
+    /* bytes read per decode step: every decoder weight once, the LM head once (tied: the embedding) */
+    const vlm_ckpt *ck = vlm_model_ckpt(m);
+    double wbytes = 0;
+    for (size_t i = 0; i < vlm_ckpt_count(ck); i++) {
+        const char *nm = vlm_ckpt_name_at(ck, i);
+        if (strstr(nm, "visual")) continue;
+        if (strstr(nm, "embed_tokens") && !c->tie_embeddings) continue;
+        wbytes += (double)vlm_ckpt_find(ck, nm)->nbytes;
+    }
+    printf("model: %s  hidden=%d layers=%d dtype=%s  load %.2fs  decoder weight bytes/step %.3f GB\n", argv[1],
+           c->hidden, c->n_layers, vlm_dtype_name(c->weight_dtype), now() - t0, wbytes / 1e9);
+
+    /* prefill: one 512-token prompt */
+    {
+        vlm_engine_opts eo = {.max_seqs = 1, .max_batch_tokens = 512};
+        vlm_engine *e;
+        if (vlm_engine_create(m, &eo, &e, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
+        int32_t *p = malloc(512 * sizeof *p);
+        prompt_ids(p, 512, 1);
+        vlm_seq_desc d = {.prompt = p, .n_prompt = 512, .max_tokens = 1, .ignore_eos = true};
+        vlm_sampling_default(&d.sampling);
+        vlm_engine_add(e, &d, NULL, err, sizeof err);
+        vlm_token_event ev[4];
+        double t1 = now();
+        while (vlm_engine_active(e)) vlm_engine_step(e, ev, 4);
+        double dt = now() - t1;
+        printf("prefill 512 tokens: %.2fs  %.1f tokens/s\n", dt, 512 / dt);
+        free(p);
+        vlm_engine_free(e);
+    }
+    double floor_tps = bw / wbytes;
+    double r1 = decode_rate(m, 1, 16);
+    printf("decode batch 1: %.2f tokens/s  (bandwidth floor %.2f tokens/s -> %.2f of floor)\n", r1, floor_tps,
+           r1 / floor_tps);
+    int ns[2] = {4, 16};
+    for (int i = 0; i < 2; i++) {
+        double r = decode_rate(m, ns[i], 8);
+        printf("decode batch %d: %.2f tokens/s aggregate (%.2fx batch 1)\n", ns[i], r, r / r1);
+    }
+    vlm_model_free(m);
+    return 0;
+}

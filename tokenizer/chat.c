@@ -1,0 +1,135 @@
+/* chat.c — chat templates: renders messages to the prompt string the model was trained on.
+ *
+ * VLM_TEMPLATE_QWEN2_VL follows the Qwen2-VL template (SPEC §F.2): default system prompt
+ * "You are a helpful assistant." when the first message is not a system message, image parts as
+ * <|vision_start|><|image_pad|><|vision_end|>, video parts with <|video_pad|>, parts joined with
+ * nothing between them. VLM_TEMPLATE_CHATML is Qwen2-Instruct's ChatML template (same default
+ * system prompt, string content only). Both are checked against transformers' apply_chat_template
+ * output in tests/fixtures/tokenizer/chat.jsonl.
+ *
+ * VLM_TEMPLATE_AUTO has no Jinja engine behind it (not built yet): it inspects the template the
+ * model ships — a template mentioning <|vision_start|> renders as Qwen2-VL; otherwise ChatML with
+ * the default system prompt the template text contains ("You are Qwen, created by Alibaba Cloud.
+ * You are a helpful assistant." for Qwen2.5, "You are a helpful assistant." for Qwen2, none for a
+ * template with neither, e.g. Qwen3's). Without a shipped template AUTO renders Qwen2-VL. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tokenizer/tok_internal.h"
+
+#define SYS_QWEN2 "You are a helpful assistant."
+#define SYS_QWEN25 "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+typedef struct {
+    char *p;
+    size_t n, cap;
+} cbuf;
+
+static void cb_put(cbuf *b, const char *s) {
+    size_t n = strlen(s);
+    if (b->n + n + 1 > b->cap) {
+        size_t c = b->cap ? b->cap * 2 : 256;
+        while (c < b->n + n + 1) c *= 2;
+        char *np = realloc(b->p, c);
+        VLM_TOK_ASSERT(np != NULL);
+        b->p = np;
+        b->cap = c;
+    }
+    memcpy(b->p + b->n, s, n + 1);
+    b->n += n;
+}
+
+static void cerr(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || !errlen) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static char *render_qwen2vl(const vlm_chat_msg *m, size_t n, bool gen, char *err, size_t errlen) {
+    cbuf b = {0};
+    cb_put(&b, "");
+    for (size_t i = 0; i < n; i++) {
+        if (!m[i].role) {
+            cerr(err, errlen, "message %zu has no role", i);
+            free(b.p);
+            return NULL;
+        }
+        if (i == 0 && strcmp(m[i].role, "system")) cb_put(&b, "<|im_start|>system\n" SYS_QWEN2 "<|im_end|>\n");
+        cb_put(&b, "<|im_start|>");
+        cb_put(&b, m[i].role);
+        cb_put(&b, "\n");
+        if (m[i].content) {
+            cb_put(&b, m[i].content);
+        } else {
+            for (size_t k = 0; k < m[i].n_parts; k++) {
+                const vlm_chat_part *p = &m[i].parts[k];
+                if (p->kind == VLM_PART_IMAGE) cb_put(&b, "<|vision_start|><|image_pad|><|vision_end|>");
+                else if (p->kind == VLM_PART_VIDEO) cb_put(&b, "<|vision_start|><|video_pad|><|vision_end|>");
+                else if (p->text) cb_put(&b, p->text);
+            }
+        }
+        cb_put(&b, "<|im_end|>\n");
+    }
+    if (gen) cb_put(&b, "<|im_start|>assistant\n");
+    return b.p;
+}
+
+static char *render_chatml(const vlm_chat_msg *m, size_t n, bool gen, const char *sys, char *err,
+                           size_t errlen) {
+    cbuf b = {0};
+    cb_put(&b, "");
+    for (size_t i = 0; i < n; i++) {
+        if (!m[i].role) {
+            cerr(err, errlen, "message %zu has no role", i);
+            free(b.p);
+            return NULL;
+        }
+        if (i == 0 && sys && strcmp(m[0].role, "system")) {
+            cb_put(&b, "<|im_start|>system\n");
+            cb_put(&b, sys);
+            cb_put(&b, "<|im_end|>\n");
+        }
+        cb_put(&b, "<|im_start|>");
+        cb_put(&b, m[i].role);
+        cb_put(&b, "\n");
+        if (m[i].content) {
+            cb_put(&b, m[i].content);
+        } else {
+            /* The text template concatenates strings only: text parts are joined, media refused. */
+            for (size_t k = 0; k < m[i].n_parts; k++) {
+                if (m[i].parts[k].kind != VLM_PART_TEXT) {
+                    cerr(err, errlen, "message %zu: this model's chat template takes no images or videos", i);
+                    free(b.p);
+                    return NULL;
+                }
+                if (m[i].parts[k].text) cb_put(&b, m[i].parts[k].text);
+            }
+        }
+        cb_put(&b, "<|im_end|>\n");
+    }
+    if (gen) cb_put(&b, "<|im_start|>assistant\n");
+    return b.p;
+}
+
+char *vlm_chat_render(const vlm_tok *t, vlm_template_kind kind, const vlm_chat_msg *msgs, size_t n_msgs,
+                      bool add_generation_prompt, char *err, size_t errlen) {
+    const char *sys = SYS_QWEN2;
+    if (kind == VLM_TEMPLATE_AUTO) {
+        const char *tm = t ? t->chat_template : NULL;
+        if (!tm || strstr(tm, "<|vision_start|>")) {
+            kind = VLM_TEMPLATE_QWEN2_VL;
+        } else {
+            kind = VLM_TEMPLATE_CHATML;
+            sys = strstr(tm, SYS_QWEN25) ? SYS_QWEN25 : strstr(tm, SYS_QWEN2) ? SYS_QWEN2 : NULL;
+        }
+    }
+    switch (kind) {
+    case VLM_TEMPLATE_QWEN2_VL: return render_qwen2vl(msgs, n_msgs, add_generation_prompt, err, errlen);
+    case VLM_TEMPLATE_CHATML: return render_chatml(msgs, n_msgs, add_generation_prompt, sys, err, errlen);
+    default: cerr(err, errlen, "unknown chat template kind %d", (int)kind); return NULL;
+    }
+}

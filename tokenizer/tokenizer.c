@@ -64,7 +64,7 @@ static void sb_put(sbuf *b, const void *s, size_t n) {
         b->p = xrealloc(b->p, c);
         b->cap = c;
     }
-    memcpy(b->p + b->n, s, n);
+    if (n) memcpy(b->p + b->n, s, n);
     b->n += n;
     b->p[b->n] = 0;
 }
@@ -1063,7 +1063,7 @@ static void detok_emit(vlm_detok *d, const uint8_t *s, size_t n, bool final, cha
     size_t used = lossy_append((const uint8_t *)tmp.p, tmp.n, final, &out);
     d->npend = tmp.n - used;
     VLM_TOK_ASSERT(d->npend < sizeof d->pend);
-    memcpy(d->pend, tmp.p + used, d->npend);
+    if (d->npend) memcpy(d->pend, tmp.p + used, d->npend);
     free(tmp.p);
     if (!out.p) { /* nothing appended and no buffer yet: hand back an empty string */
         out.p = xmalloc(1);

@@ -66,6 +66,7 @@ struct vlm_tok {
     /* added tokens */
     tok_added *added;
     size_t n_added;
+    uint8_t added_first[256]; /* bit 0: some raw added token starts with this byte, bit 1: normalized */
     bool *is_special; /* [n_vocab_slots] */
     bool has_nfc;
     /* pre-tokenizer */

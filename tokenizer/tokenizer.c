@@ -463,6 +463,7 @@ static int build_vocab(vlm_tok *t, const cJSON *vocab, const cJSON *added, char 
         a->normalized = json_bool(it, "normalized", !a->special);
         a->single_word = json_bool(it, "single_word", false);
         t->is_special[a->id] = a->special;
+        if (a->len) t->added_first[(uint8_t)c[0]] |= a->normalized ? 2 : 1;
         if (t->tok_off[a->id] < 0 || t->tok_len[a->id] != a->len ||
             memcmp(t->arena + t->tok_off[a->id], c, a->len)) {
             memcpy(t->arena + off, c, a->len + 1);
@@ -923,7 +924,9 @@ static bool is_ws(uint8_t c) { return c == ' ' || c == '\t' || c == '\n' || c ==
  * Returns its index or -1; *ms and *me receive the span it covers (including lstrip/rstrip space). */
 static long find_added(const vlm_tok *t, const char *s, size_t n, size_t from, bool normalized,
                        size_t *ms, size_t *me) {
+    const uint8_t bit = normalized ? 2 : 1;
     for (size_t i = from; i < n; i++) {
+        if (!(t->added_first[(uint8_t)s[i]] & bit)) continue; /* cheap skip: no token starts here */
         long best = -1;
         for (size_t k = 0; k < t->n_added; k++) {
             const tok_added *a = &t->added[k];

@@ -15,8 +15,10 @@ Outputs (JSON lines, UTF-8):
 
 Template sources:
   QWEN2_VL_TEMPLATE: the chat_template of Qwen/Qwen2-VL-2B-Instruct (chat_template.json /
-    tokenizer_config.json of that repository), written out here from its published text; its behaviour
-    is the one /work/shared/SPEC.md §F.2 describes, which the C renderer implements independently.
+    tokenizer_config.json of that repository), written out here from its published text and
+    cross-checked against copies of that template quoted in public repositories (code search for
+    "{% set image_count = namespace(value=0) %}"); its behaviour is the one the project SPEC §F.2
+    describes, which the C renderer implements independently.
   CHATML_TEMPLATE: the chat_template of Qwen/Qwen2-7B-Instruct (tokenizer_config.json), the plain
     ChatML with default system prompt "You are a helpful assistant.".
 No string in the fixtures contains NUL (the C side reads them through cJSON, which stops at NUL).

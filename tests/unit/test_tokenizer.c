@@ -4,6 +4,7 @@
  * without skip_special, streaming detokenization equal to full decode, chat templates equal to
  * apply_chat_template, a seeded round-trip fuzz, bad input, and the `vlmd tokenize/detokenize` CLI. */
 #include <cJSON.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
@@ -449,6 +450,49 @@ static void test_cli(void) {
     CHECKF(WIFEXITED(rc) && WEXITSTATUS(rc) == 1, "rc %d", rc);
 }
 
+/* Concurrent encoders share one vlm_tok (and its word cache): every thread must still get the
+ * fixture ids. Threads start at different offsets so they insert and evict the same cache shards. */
+#define N_THREADS 4
+typedef struct {
+    cJSON **lines;
+    size_t n, start, bad;
+} thr_arg;
+
+static void *thr_encode(void *p) {
+    thr_arg *a = p;
+    char err[256];
+    for (size_t r = 0; r < a->n; r++) {
+        size_t i = (a->start + r) % a->n;
+        const char *text = cJSON_GetObjectItem(a->lines[i], "text")->valuestring;
+        size_t nw;
+        int32_t *want = json_ids(cJSON_GetObjectItem(a->lines[i], "ids"), &nw);
+        vlm_ids got = {0};
+        if (vlm_tok_encode(g_tok, text, strlen(text), false, &got, err, sizeof err) || !ids_equal(&got, want, nw)) a->bad++;
+        vlm_ids_free(&got);
+        free(want);
+    }
+    return NULL;
+}
+
+static void test_threads(void) {
+    if (!g_tok) { CHECK(0); return; }
+    size_t n;
+    cJSON **lines = read_lines(FIX_DIR "/encode.jsonl", &n);
+    pthread_t th[N_THREADS];
+    thr_arg args[N_THREADS];
+    for (int k = 0; k < N_THREADS; k++) {
+        args[k] = (thr_arg){lines, n, (size_t)k * n / N_THREADS, 0};
+        CHECK(pthread_create(&th[k], NULL, thr_encode, &args[k]) == 0);
+    }
+    size_t bad = 0;
+    for (int k = 0; k < N_THREADS; k++) {
+        pthread_join(th[k], NULL);
+        bad += args[k].bad;
+    }
+    CHECKF(bad == 0, "%zu concurrent encodes differ", bad);
+    free_lines(lines, n);
+}
+
 int main(void) {
     RUN(test_load);
     RUN(test_encode_fixtures);
@@ -457,6 +501,7 @@ int main(void) {
     RUN(test_chat_fixtures);
     RUN(test_fuzz_roundtrip);
     RUN(test_bad_input);
+    RUN(test_threads);
     RUN(test_string_merges);
     RUN(test_cli);
     vlm_tok_free(g_tok);

@@ -898,30 +898,42 @@ static bool is_ascii(const char *s, size_t n) {
     return true;
 }
 
-/* Word characters for single_word: HF checks char::is_alphanumeric() || '_' (approximated here by
- * utf8proc's letter/number categories). */
-static bool word_char_before(const char *s, size_t at) {
-    if (at == 0) return false;
+/* Unicode White_Space (what Rust's regex \s matches; HF strips it for lstrip/rstrip). */
+static bool is_uspace(uint32_t c) {
+    return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
+           c == 0x3000;
+}
+/* Rust regex \w: alphabetic, marks, decimal digits, connector punctuation, joiners. */
+static bool is_uword(uint32_t c) {
+    if (c < 0x80) return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+    if (c == 0x200C || c == 0x200D) return true;
+    utf8proc_category_t k = utf8proc_category((utf8proc_int32_t)c);
+    return (k >= UTF8PROC_CATEGORY_LU && k <= UTF8PROC_CATEGORY_LO) || k == UTF8PROC_CATEGORY_NL ||
+           (k >= UTF8PROC_CATEGORY_MN && k <= UTF8PROC_CATEGORY_ME) || k == UTF8PROC_CATEGORY_ND ||
+           k == UTF8PROC_CATEGORY_PC;
+}
+/* The code point ending at s[at) (valid UTF-8), its start in *start. */
+static uint32_t cp_before(const char *s, size_t at, size_t *start) {
     size_t i = at - 1;
     while (i > 0 && ((uint8_t)s[i] & 0xC0) == 0x80) i--;
-    utf8proc_int32_t cp;
-    if (utf8proc_iterate((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(at - i), &cp) <= 0) return false;
-    utf8proc_category_t c = utf8proc_category(cp);
-    return cp == '_' || (c >= UTF8PROC_CATEGORY_LU && c <= UTF8PROC_CATEGORY_LO) ||
-           (c >= UTF8PROC_CATEGORY_ND && c <= UTF8PROC_CATEGORY_NO);
+    utf8proc_int32_t cp = 0;
+    utf8proc_iterate((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(at - i), &cp);
+    *start = i;
+    return (uint32_t)cp;
 }
-static bool word_char_at(const char *s, size_t n, size_t at) {
-    if (at >= n) return false;
-    utf8proc_int32_t cp;
-    if (utf8proc_iterate((const utf8proc_uint8_t *)s + at, (utf8proc_ssize_t)(n - at), &cp) <= 0) return false;
-    utf8proc_category_t c = utf8proc_category(cp);
-    return cp == '_' || (c >= UTF8PROC_CATEGORY_LU && c <= UTF8PROC_CATEGORY_LO) ||
-           (c >= UTF8PROC_CATEGORY_ND && c <= UTF8PROC_CATEGORY_NO);
+static uint32_t cp_at(const char *s, size_t n, size_t at, size_t *len) {
+    utf8proc_int32_t cp = 0;
+    utf8proc_ssize_t k = utf8proc_iterate((const utf8proc_uint8_t *)s + at, (utf8proc_ssize_t)(n - at), &cp);
+    *len = k > 0 ? (size_t)k : 1;
+    return (uint32_t)cp;
 }
-static bool is_ws(uint8_t c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
 
-/* Finds the leftmost, then longest, added token (of the given normalized class) in s[from..n).
- * Returns its index or -1; *ms and *me receive the span it covers (including lstrip/rstrip space). */
+/* Finds the next added token (of the given normalized class) in s[from..n) the way HF's
+ * AddedVocabulary does: Aho-Corasick leftmost-longest, non-overlapping matches; a single_word
+ * match touching a word character is dropped (scanning resumes after it, so no shorter token at
+ * the same place is tried); lstrip/rstrip widen the span over Unicode whitespace (lstrip never
+ * before `from`). Returns the token index or -1; *ms and *me receive the span. */
 static long find_added(const vlm_tok *t, const char *s, size_t n, size_t from, bool normalized,
                        size_t *ms, size_t *me) {
     const uint8_t bit = normalized ? 2 : 1;
@@ -932,20 +944,30 @@ static long find_added(const vlm_tok *t, const char *s, size_t n, size_t from, b
             const tok_added *a = &t->added[k];
             if (a->normalized != normalized || a->len == 0 || a->len > n - i) continue;
             if ((uint8_t)s[i] != (uint8_t)a->content[0] || memcmp(s + i, a->content, a->len)) continue;
-            if (a->single_word && (word_char_before(s, i) || word_char_at(s, n, i + a->len))) continue;
             if (best < 0 || a->len > t->added[best].len) best = (long)k;
         }
-        if (best >= 0) {
-            const tok_added *a = &t->added[best];
-            size_t b = i, e = i + a->len;
-            if (a->lstrip)
-                while (b > from && is_ws((uint8_t)s[b - 1])) b--;
-            if (a->rstrip)
-                while (e < n && is_ws((uint8_t)s[e])) e++;
-            *ms = b;
-            *me = e;
-            return best;
+        if (best < 0) continue;
+        const tok_added *a = &t->added[best];
+        size_t b = i, e = i + a->len, l;
+        if (a->single_word) {
+            bool word_before = b > 0 && is_uword(cp_before(s, b, &l));
+            bool word_after = e < n && is_uword(cp_at(s, n, e, &l));
+            if (word_before || word_after) {
+                i = e - 1; /* matches do not overlap: resume after this one */
+                continue;
+            }
         }
+        if (a->lstrip)
+            while (b > from) {
+                size_t st;
+                if (!is_uspace(cp_before(s, b, &st))) break;
+                b = st;
+            }
+        if (a->rstrip)
+            while (e < n && is_uspace(cp_at(s, n, e, &l))) e += l;
+        *ms = b;
+        *me = e;
+        return best;
     }
     return -1;
 }

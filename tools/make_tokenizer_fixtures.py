@@ -10,6 +10,9 @@ Outputs (JSON lines, UTF-8):
   encode.jsonl  {"text": str, "ids": [int]}                        (add_special_tokens=False)
   decode.jsonl  {"ids": [int], "skip": bool, "text": str, "hex": str} (Tokenizer.decode; "hex" is the
                 text's UTF-8 bytes, because decoded text may contain NUL, which cJSON strings cannot hold)
+  encode_flags.jsonl  first line {"mods": {content: {flag: bool}}}, then {"text", "ids"}: the same
+                tokenizer with lstrip/rstrip/single_word/normalized switched on for some added tokens
+                (the C test applies the same mods to a temp copy), to check those AddedVocabulary rules
   chat.jsonl    {"kind": "qwen2_vl"|"chatml", "messages": [...], "gen": bool, "text": str, "ids": [int]}
   meta.json     library versions and template sources
 
@@ -243,6 +246,29 @@ def main():
             f.write(dec_line(tok, ids, skip))
             n_dec += 1
 
+    # Added-token flags: none are set in the Qwen file, so exercise them on a modified copy.
+    mods = {"<|im_end|>": {"lstrip": True, "rstrip": True}, "<|im_start|>": {"rstrip": True},
+            "<think>": {"single_word": True}, "</think>": {"normalized": True},
+            "<tool_call>": {"lstrip": True, "single_word": True}}
+    j = json.load(open(os.path.join(TOKDIR, "tokenizer.json"), encoding="utf-8"))
+    for a in j["added_tokens"]:
+        a.update(mods.get(a["content"], {}))
+    tmp = os.path.join(OUT, ".flags-tokenizer.json")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(j, f, ensure_ascii=False)
+    ftok = Tokenizer.from_file(tmp)
+    os.remove(tmp)
+    pieces = list(mods) + ["a", "word", "x_y", "é", "日本", "1", "!", " ", "  ", "\n", "\t", "\u3000", "\u00a0",
+                           " \n ", "e\u0301", "_"]
+    n_flags = 0
+    with open(os.path.join(OUT, "encode_flags.jsonl"), "w", encoding="utf-8") as f:
+        f.write(json.dumps({"mods": mods}) + "\n")
+        for _ in range(800):
+            t = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+            f.write(json.dumps({"text": t, "ids": ftok.encode(t, add_special_tokens=False).ids},
+                               ensure_ascii=False) + "\n")
+            n_flags += 1
+
     hf = PreTrainedTokenizerFast(tokenizer_file=os.path.join(TOKDIR, "tokenizer.json"))
     n_chat = 0
     with open(os.path.join(OUT, "chat.jsonl"), "w", encoding="utf-8") as f:
@@ -257,7 +283,7 @@ def main():
     with open(os.path.join(OUT, "meta.json"), "w") as f:
         json.dump({"tokenizers": tokenizers.__version__, "transformers": transformers.__version__,
                    "python": sys.version.split()[0], "seed": SEED, "n_encode": len(strings),
-                   "n_decode": n_dec, "n_chat": n_chat,
+                   "n_decode": n_dec, "n_chat": n_chat, "n_flags": n_flags,
                    "tokenizer": "tests/data/tokenizer/qwen/tokenizer.json",
                    "qwen2_vl_template": "Qwen/Qwen2-VL-2B-Instruct chat_template (see script)",
                    "chatml_template": "Qwen/Qwen2-7B-Instruct chat_template (see script)"}, f, indent=1)

@@ -190,6 +190,72 @@ static void test_string_merges(void) {
     vlm_tok_free(t2);
 }
 
+/* lstrip / rstrip / single_word / normalized on added tokens: the fixture's first line names the
+ * flags switched on; apply them to a temp copy of tokenizer.json and expect HF's ids. */
+static void test_added_flags(void) {
+    size_t n;
+    cJSON **lines = read_lines(FIX_DIR "/encode_flags.jsonl", &n);
+    CHECK(n > 500);
+    if (n < 2) { free_lines(lines, n); return; }
+    const cJSON *mods = cJSON_GetObjectItem(lines[0], "mods");
+    FILE *f = fopen(TOK_DIR "/tokenizer.json", "rb");
+    fseek(f, 0, SEEK_END);
+    long sz = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *txt = malloc((size_t)sz + 1);
+    CHECK(fread(txt, 1, (size_t)sz, f) == (size_t)sz);
+    fclose(f);
+    txt[sz] = 0;
+    cJSON *j = cJSON_Parse(txt);
+    free(txt);
+    cJSON *a;
+    int applied = 0;
+    cJSON_ArrayForEach(a, cJSON_GetObjectItem(j, "added_tokens")) {
+        const cJSON *m = cJSON_GetObjectItem(mods, cJSON_GetObjectItem(a, "content")->valuestring);
+        const cJSON *fl;
+        cJSON_ArrayForEach(fl, m) {
+            cJSON_ReplaceItemInObject(a, fl->string, cJSON_CreateBool(cJSON_IsTrue(fl)));
+            applied++;
+        }
+    }
+    CHECK(applied >= 5);
+    char *out = cJSON_PrintUnformatted(j);
+    cJSON_Delete(j);
+    char path[] = "/tmp/vlmd-tok-flags-XXXXXX";
+    int fd = mkstemp(path);
+    size_t ol = strlen(out);
+    CHECK(fd >= 0 && write(fd, out, ol) == (ssize_t)ol);
+    close(fd);
+    free(out);
+    vlm_tok *t2 = NULL;
+    char err[256];
+    CHECKF(vlm_tok_load(path, &t2, err, sizeof err) == 0, "%s", err);
+    unlink(path);
+    size_t bad = 0, differs = 0;
+    for (size_t i = 1; t2 && i < n; i++) {
+        const char *text = cJSON_GetObjectItem(lines[i], "text")->valuestring;
+        size_t nw;
+        int32_t *want = json_ids(cJSON_GetObjectItem(lines[i], "ids"), &nw);
+        vlm_ids got = {0};
+        if (vlm_tok_encode(t2, text, strlen(text), false, &got, err, sizeof err) || !ids_equal(&got, want, nw)) {
+            if (bad++ < 3) fprintf(stderr, "  flags mismatch line %zu\n", i + 1);
+        }
+        vlm_ids plain = {0};
+        if (g_tok && !vlm_tok_encode(g_tok, text, strlen(text), false, &plain, err, sizeof err) &&
+            !ids_equal(&plain, want, nw))
+            differs++;
+        vlm_ids_free(&plain);
+        vlm_ids_free(&got);
+        free(want);
+    }
+    CHECKF(bad == 0, "%zu of %zu added-token flag fixtures differ", bad, n - 1);
+    /* Not vacuous: the flags change the ids of many of these strings. */
+    CHECKF(differs > 100, "only %zu fixtures depend on the flags", differs);
+    fprintf(stderr, "  %zu of %zu flag fixtures differ from the unmodified tokenizer\n", differs, n - 1);
+    vlm_tok_free(t2);
+    free_lines(lines, n);
+}
+
 static void test_decode_fixtures(void) {
     if (!g_tok) { CHECK(0); return; }
     size_t n;
@@ -503,6 +569,7 @@ int main(void) {
     RUN(test_bad_input);
     RUN(test_threads);
     RUN(test_string_merges);
+    RUN(test_added_flags);
     RUN(test_cli);
     vlm_tok_free(g_tok);
     TEST_MAIN_END("tokenizer");

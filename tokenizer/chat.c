@@ -7,20 +7,18 @@
  * system prompt, string content only). Both are checked against transformers' apply_chat_template
  * output in tests/fixtures/tokenizer/chat.jsonl.
  *
- * VLM_TEMPLATE_AUTO has no Jinja engine behind it (not built yet): it inspects the template the
- * model ships — a template mentioning <|vision_start|> renders as Qwen2-VL; otherwise ChatML with
- * the default system prompt the template text contains ("You are Qwen, created by Alibaba Cloud.
- * You are a helpful assistant." for Qwen2.5, "You are a helpful assistant." for Qwen2, none for a
- * template with neither, e.g. Qwen3's). Without a shipped template AUTO renders Qwen2-VL. */
+ * VLM_TEMPLATE_AUTO renders the template the model ships (tokenizer_config.json or
+ * chat_template.json) with the Jinja subset interpreter in jinja.c; without one it renders Qwen2-VL.
+ * vlm_chat_render_template renders any template text the same way. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "tokenizer/jinja.h"
 #include "tokenizer/tok_internal.h"
 
 #define SYS_QWEN2 "You are a helpful assistant."
-#define SYS_QWEN25 "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 typedef struct {
     char *p;
@@ -115,21 +113,27 @@ static char *render_chatml(const vlm_chat_msg *m, size_t n, bool gen, const char
     return b.p;
 }
 
+char *vlm_chat_render_template(const vlm_tok *t, const char *tmpl, const vlm_chat_msg *msgs, size_t n_msgs,
+                               bool add_generation_prompt, char *err, size_t errlen) {
+    (void)t;
+    for (size_t i = 0; i < n_msgs; i++)
+        if (!msgs[i].role) {
+            cerr(err, errlen, "message %zu has no role", i);
+            return NULL;
+        }
+    return vlm_jinja_render(tmpl, msgs, n_msgs, add_generation_prompt, NULL, NULL, err, errlen);
+}
+
 char *vlm_chat_render(const vlm_tok *t, vlm_template_kind kind, const vlm_chat_msg *msgs, size_t n_msgs,
                       bool add_generation_prompt, char *err, size_t errlen) {
-    const char *sys = SYS_QWEN2;
     if (kind == VLM_TEMPLATE_AUTO) {
-        const char *tm = t ? t->chat_template : NULL;
-        if (!tm || strstr(tm, "<|vision_start|>")) {
-            kind = VLM_TEMPLATE_QWEN2_VL;
-        } else {
-            kind = VLM_TEMPLATE_CHATML;
-            sys = strstr(tm, SYS_QWEN25) ? SYS_QWEN25 : strstr(tm, SYS_QWEN2) ? SYS_QWEN2 : NULL;
-        }
+        if (t && t->chat_template)
+            return vlm_chat_render_template(t, t->chat_template, msgs, n_msgs, add_generation_prompt, err, errlen);
+        kind = VLM_TEMPLATE_QWEN2_VL;
     }
     switch (kind) {
     case VLM_TEMPLATE_QWEN2_VL: return render_qwen2vl(msgs, n_msgs, add_generation_prompt, err, errlen);
-    case VLM_TEMPLATE_CHATML: return render_chatml(msgs, n_msgs, add_generation_prompt, sys, err, errlen);
+    case VLM_TEMPLATE_CHATML: return render_chatml(msgs, n_msgs, add_generation_prompt, SYS_QWEN2, err, errlen);
     default: cerr(err, errlen, "unknown chat template kind %d", (int)kind); return NULL;
     }
 }

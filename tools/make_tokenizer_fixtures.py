@@ -13,7 +13,9 @@ Outputs (JSON lines, UTF-8):
   encode_flags.jsonl  first line {"mods": {content: {flag: bool}}}, then {"text", "ids"}: the same
                 tokenizer with lstrip/rstrip/single_word/normalized switched on for some added tokens
                 (the C test applies the same mods to a temp copy), to check those AddedVocabulary rules
-  chat.jsonl    {"kind": "qwen2_vl"|"chatml", "messages": [...], "gen": bool, "text": str, "ids": [int]}
+  templates.json  the Qwen2-VL and ChatML template texts used (the C test also renders them with its
+                Jinja subset and expects the same strings)
+  chat.jsonl    {"kind": "qwen2_vl"|"chatml"|"shipped" (the tokenizer_config.json template, Qwen3's), "messages": [...], "gen": bool, "text": str, "ids": [int]}
   meta.json     library versions and template sources
 
 Template sources:
@@ -272,13 +274,24 @@ def main():
     hf = PreTrainedTokenizerFast(tokenizer_file=os.path.join(TOKDIR, "tokenizer.json"))
     n_chat = 0
     with open(os.path.join(OUT, "chat.jsonl"), "w", encoding="utf-8") as f:
-        for kind, tmpl, vision in (("qwen2_vl", QWEN2_VL_TEMPLATE, True), ("chatml", CHATML_TEMPLATE, False)):
-            for msgs, gen in messages_cases(rng, vision):
+        shipped = json.load(open(os.path.join(TOKDIR, "tokenizer_config.json"), encoding="utf-8"))["chat_template"]
+        for kind, tmpl, vision in (("qwen2_vl", QWEN2_VL_TEMPLATE, True), ("chatml", CHATML_TEMPLATE, False),
+                                   ("shipped", shipped, False)):
+            cases = messages_cases(rng, vision)
+            if kind == "shipped":  # Qwen3's template: thinking blocks in assistant turns too
+                for msgs, _ in cases[::3]:
+                    for m in msgs:
+                        if m["role"] == "assistant" and rng.random() < 0.5:
+                            m["content"] = "<think>\nreasoning " + m["content"] + "\n</think>\n\n" + m["content"]
+            for msgs, gen in cases:
                 text = hf.apply_chat_template(msgs, chat_template=tmpl, tokenize=False, add_generation_prompt=gen)
                 ids = tok.encode(text, add_special_tokens=False).ids
                 f.write(json.dumps({"kind": kind, "messages": msgs, "gen": gen, "text": text, "ids": ids},
                                    ensure_ascii=False) + "\n")
                 n_chat += 1
+
+    with open(os.path.join(OUT, "templates.json"), "w", encoding="utf-8") as f:
+        json.dump({"qwen2_vl": QWEN2_VL_TEMPLATE, "chatml": CHATML_TEMPLATE}, f, ensure_ascii=False, indent=1)
 
     with open(os.path.join(OUT, "meta.json"), "w") as f:
         json.dump({"tokenizers": tokenizers.__version__, "transformers": transformers.__version__,

@@ -335,7 +335,14 @@ static void test_chat_fixtures(void) {
     size_t n;
     cJSON **lines = read_lines(FIX_DIR "/chat.jsonl", &n);
     CHECK(n >= 100);
-    size_t bad = 0, bad_ids = 0, n_vl = 0, n_ml = 0;
+    size_t bad = 0, bad_ids = 0, bad_jinja = 0, n_vl = 0, n_ml = 0, n_sh = 0;
+    FILE *tf = fopen(FIX_DIR "/templates.json", "rb");
+    char tbuf[1 << 16];
+    size_t tl = tf ? fread(tbuf, 1, sizeof tbuf - 1, tf) : 0;
+    if (tf) fclose(tf);
+    tbuf[tl] = 0;
+    cJSON *tmpls = cJSON_Parse(tbuf);
+    CHECK(tmpls != NULL);
     for (size_t i = 0; i < n; i++) {
         const char *kind = cJSON_GetObjectItem(lines[i], "kind")->valuestring;
         bool gen = cJSON_IsTrue(cJSON_GetObjectItem(lines[i], "gen"));
@@ -363,12 +370,23 @@ static void test_chat_fixtures(void) {
             }
             k++;
         }
-        bool vl = !strcmp(kind, "qwen2_vl");
+        bool vl = !strcmp(kind, "qwen2_vl"), sh = !strcmp(kind, "shipped");
         n_vl += vl;
-        n_ml += !vl;
+        n_sh += sh;
+        n_ml += !vl && !sh;
         char err[256];
-        char *got = vlm_chat_render(g_tok, vl ? VLM_TEMPLATE_QWEN2_VL : VLM_TEMPLATE_CHATML, m, nm, gen, err, sizeof err);
+        /* built-in renderers for qwen2_vl/chatml; the shipped (Qwen3) template through AUTO = Jinja */
+        char *got = vlm_chat_render(g_tok, sh ? VLM_TEMPLATE_AUTO : vl ? VLM_TEMPLATE_QWEN2_VL : VLM_TEMPLATE_CHATML, m, nm,
+                                    gen, err, sizeof err);
         const char *want = cJSON_GetObjectItem(lines[i], "text")->valuestring;
+        if (!sh) { /* the same template text through the Jinja subset must agree too */
+            const cJSON *tt = cJSON_GetObjectItem(tmpls, kind);
+            char *gj = tt ? vlm_chat_render_template(g_tok, tt->valuestring, m, nm, gen, err, sizeof err) : NULL;
+            if (!gj || strcmp(gj, want)) {
+                if (bad_jinja++ < 2) fprintf(stderr, "  jinja %s mismatch line %zu:\n---got\n%s\n---want\n%s\n", kind, i + 1, gj ? gj : err, want);
+            }
+            free(gj);
+        }
         if (!got || strcmp(got, want)) {
             if (bad++ < 3) fprintf(stderr, "  chat mismatch line %zu:\n---got\n%s\n---want\n%s\n", i + 1, got ? got : err, want);
         } else {
@@ -384,9 +402,37 @@ static void test_chat_fixtures(void) {
         free(m);
     }
     CHECKF(bad == 0, "%zu of %zu chat renders differ", bad, n);
+    CHECKF(bad_jinja == 0, "%zu Jinja renders differ", bad_jinja);
+    CHECK(n_sh >= 50);
+    cJSON_Delete(tmpls);
     CHECKF(bad_ids == 0, "%zu chat prompts tokenize differently", bad_ids);
     CHECK(n_vl >= 50 && n_ml >= 50);
     free_lines(lines, n);
+}
+
+/* Jinja subset: errors come back as NULL + message, never a crash; a few constructs by hand. */
+static void test_jinja_misc(void) {
+    vlm_chat_msg m[2] = {{.role = "user", .content = "hi"}, {.role = "assistant", .content = "  yo  "}};
+    char err[256] = "";
+    char *r = vlm_chat_render_template(g_tok, "{{ raise_exception('boom ' ~ messages|length) }}", m, 2, false, err, sizeof err);
+    CHECK(r == NULL && strstr(err, "boom 2"));
+    CHECK(vlm_chat_render_template(g_tok, "{% if x %}open", m, 2, false, err, sizeof err) == NULL);
+    CHECK(vlm_chat_render_template(g_tok, "{{ 'a' + 1 }}", m, 2, false, err, sizeof err) == NULL);
+    CHECK(vlm_chat_render_template(g_tok, "{% frobnicate %}", m, 2, false, err, sizeof err) == NULL);
+    static const struct { const char *t, *want; } cases[] = {
+        {"{% for x in messages %}{{ loop.index }}{{ x.role[0] }}{% if not loop.last %},{% endif %}{% endfor %}", "1u,2a"},
+        {"{% set ns = namespace(n=0) %}{% for x in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}", "2"},
+        {"{{ messages[-1].content | trim }}|{{ messages[1]['content'].strip() }}|{{ 'a,b'.split(',')[1] }}", "yo|yo|b"},
+        {"{% for x in messages[::-1] %}{{ x.role }} {% endfor %}", "assistant user "},
+        {"{{ 'y' if 'i' in messages[0].content else 'n' }}{{ messages[0].nope is defined }}", "yFalse"},
+        {"  {%- if true %}\n  A\n  {% endif %}\nB", "  A\nB"},
+        {"{% if add_generation_prompt %}G{% elif messages|length > 1 %}M{% else %}E{% endif %}", "M"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        r = vlm_chat_render_template(g_tok, cases[i].t, m, 2, false, err, sizeof err);
+        CHECKF(r && !strcmp(r, cases[i].want), "case %zu: got '%s' want '%s' (%s)", i, r ? r : "(null)", cases[i].want, err);
+        free(r);
+    }
 }
 
 /* Seeded random strings over mixed scripts, raw bytes (made valid), specials excluded:
@@ -565,6 +611,7 @@ int main(void) {
     RUN(test_decode_fixtures);
     RUN(test_stream_encode_ids);
     RUN(test_chat_fixtures);
+    RUN(test_jinja_misc);
     RUN(test_fuzz_roundtrip);
     RUN(test_bad_input);
     RUN(test_threads);

@@ -4,7 +4,10 @@
  * "You are a helpful assistant." when the first message is not a system message, image parts as
  * <|vision_start|><|image_pad|><|vision_end|>, video parts with <|video_pad|>, parts joined with
  * nothing between them. VLM_TEMPLATE_CHATML is Qwen2-Instruct's ChatML template (same default
- * system prompt, string content only). Both are checked against transformers' apply_chat_template
+ * system prompt "You are a helpful assistant.", string content only). Qwen2.5-Instruct's template
+ * gives the same layout for plain messages without tools but a different default system prompt
+ * ("You are Qwen, created by Alibaba Cloud. You are a helpful assistant."), and Qwen3's has none:
+ * those models ship their template, which VLM_TEMPLATE_AUTO renders exactly. Both are checked against transformers' apply_chat_template
  * output in tests/fixtures/tokenizer/chat.jsonl.
  *
  * VLM_TEMPLATE_AUTO renders the template the model ships (tokenizer_config.json or

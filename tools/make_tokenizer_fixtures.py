@@ -224,7 +224,7 @@ def main():
     # Decode: ids from the encode set plus random ids including lone byte tokens (invalid UTF-8).
     vocab = tok.get_vocab()
     byte_tokens = [vocab[c] for c in ("Ā", "ā", "Ġ", "Ċ", "ł", "Ń", "ð", "Ł", "¿", "Ã", "â", "ģ")]
-    high = [i for t, i in vocab.items() if len(t) == 1]
+    high = sorted(i for t, i in vocab.items() if len(t) == 1)  # get_vocab() order is not stable
     n_dec = 0
     with open(os.path.join(OUT, "decode.jsonl"), "w", encoding="utf-8") as f:
         for t in strings[::5]:

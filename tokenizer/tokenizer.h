@@ -81,6 +81,12 @@ typedef enum {
 char *vlm_chat_render(const vlm_tok *t, vlm_template_kind kind, const vlm_chat_msg *msgs,
                       size_t n_msgs, bool add_generation_prompt, char *err, size_t errlen);
 
+/* Renders a Jinja chat template text (e.g. a --chat-template file) the way transformers'
+ * apply_chat_template does, with the Jinja subset in tokenizer/jinja.c. NULL + err on a syntax
+ * error, an unsupported construct, or the template's raise_exception. */
+char *vlm_chat_render_template(const vlm_tok *t, const char *tmpl, const vlm_chat_msg *msgs,
+                               size_t n_msgs, bool add_generation_prompt, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

@@ -169,6 +169,8 @@ typedef struct {
 
 void vlm_sampling_default(vlm_sampling *s); /* greedy, all filters off */
 
+
+
 /* ---- engine: continuous batching over a paged KV cache -------------------------------------- */
 typedef struct vlm_engine vlm_engine;
 
@@ -227,6 +229,21 @@ typedef struct {
     int64_t n_prompt;         /* prompt tokens (for usage) */
 } vlm_token_event;
 
+/* Per-sequence random stream (xoshiro256**), seeded from vlm_sampling.seed. */
+typedef struct { uint64_t s[4]; } vlm_rng;
+void vlm_rng_seed(vlm_rng *r, uint64_t seed);
+double vlm_rng_uniform(vlm_rng *r); /* [0, 1) */
+
+/* Applies, in place, the repetition penalty (HF: every distinct id of ids[0..n_ids)) and the
+ * presence/frequency penalties (OpenAI: counts over the generated ids[n_prompt..n_ids)). */
+void vlm_apply_penalties(const vlm_sampling *s, float *logits, int64_t vocab, const int32_t *ids,
+                         int64_t n_prompt, int64_t n_ids);
+/* Chooses the next token from raw logits: penalties, then argmax when temperature == 0, else
+ * temperature, top_k, top_p, min_p and a draw from r. Fills ev->token/logprob/top_* (log-softmax of
+ * the raw, unpenalised logits) when ev is non-NULL. Returns the token. */
+int32_t vlm_sample(const vlm_sampling *s, vlm_rng *r, const float *logits, int64_t vocab,
+                   const int32_t *ids, int64_t n_prompt, int64_t n_ids, vlm_token_event *ev);
+
 /* Runs one batched forward over the resident sequences (prefill chunks and decode tokens
  * together), samples, and writes up to max_events events. Returns the number written; 0 when
  * there was nothing to do. Sequences whose pages run out are preempted and resumed later. */
@@ -245,6 +262,10 @@ void vlm_engine_get_stats(const vlm_engine *e, vlm_engine_stats *s);
  * tests and for chunked prefill. grids: n_images x {t,h,w} in patches; merge = spatial merge. */
 int64_t vlm_rope_index(const vlm_model_config *cfg, const int32_t *ids, int64_t n,
                        const int32_t (*grids)[3], int n_grids, int64_t *pos);
+
+/* Writes f32 data as a NumPy .npy file: shape (rows, cols), or (cols,) when rows < 0. */
+vlm_status vlm_npy_write_f32(const char *path, const float *data, int64_t rows, int64_t cols,
+                             char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,431 @@
+/* test_model.c — the Qwen2 decoder, M-RoPE, paged KV cache, engine and sampler against the transformers
+ * fixtures of tools/make_fixtures.py (tests/fixtures/qwen2vl/<model>/<case>/) on the checkpoints that
+ * tools/make_model.py writes into $VLMD_TEST_MODELS. Image cases feed the fixture's image_embeds.npy (the
+ * vision tower's reference output), so the decoder is tested without vision/. */
+#include "runtime/runtime.h"
+#include "tests/unit/npy_read.h"
+#include "tests/unit/test.h"
+
+#include <cJSON.h>
+#include <stdlib.h>
+
+/* f32 logits tolerance: the brief's bound; transformers vs a float64 numpy re-implementation differ by
+ * <= 4.3e-5 (tools/README.md), so 1e-3 leaves room only for f32 summation-order noise. */
+#define LOGITS_TOL_F32 1e-3
+/* bf16 checkpoints are computed in f32 from the exact bf16 weights, so they are held to the same bound
+ * against the fixture's f32 upcast reference (logits0_f32ref.npy). Against HF's own bf16 run we can only
+ * be as close as that run is to the f32 reference: case.json's logits0_bf16_vs_f32ref_max_abs (0.63) plus
+ * the f32 bound. */
+
+static const char *models_dir;
+static const char *FIX = "tests/fixtures/qwen2vl";
+
+static cJSON *load_json(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = malloc((size_t)n + 1);
+    size_t got = fread(b, 1, (size_t)n, f);
+    b[got] = 0;
+    fclose(f);
+    cJSON *j = cJSON_Parse(b);
+    free(b);
+    return j;
+}
+
+static int32_t *ids_of(const cJSON *a, int64_t *n) {
+    *n = cJSON_GetArraySize(a);
+    int32_t *r = malloc((size_t)(*n > 0 ? *n : 1) * sizeof *r);
+    int64_t i = 0;
+    for (const cJSON *x = a->child; x; x = x->next) r[i++] = (int32_t)x->valuedouble;
+    return r;
+}
+
+typedef struct {
+    char dir[512];
+    cJSON *j;
+    int32_t *prompt;
+    int64_t n_prompt;
+    int n_images;
+    vlm_image_embeds img[8];
+    float *embeds;
+    bool bf16;
+} fcase;
+
+static bool case_load(fcase *c, const char *model, const char *name) {
+    memset(c, 0, sizeof *c);
+    snprintf(c->dir, sizeof c->dir, "%s/%s/%s", FIX, model, name);
+    char p[600];
+    snprintf(p, sizeof p, "%s/case.json", c->dir);
+    c->j = load_json(p);
+    if (!c->j) return false;
+    c->prompt = ids_of(cJSON_GetObjectItem(c->j, "prompt_ids"), &c->n_prompt);
+    c->bf16 = !strcmp(cJSON_GetObjectItem(c->j, "dtype")->valuestring, "bf16");
+    const cJSON *g = cJSON_GetObjectItem(c->j, "image_grid_thw");
+    c->n_images = cJSON_GetArraySize(g);
+    if (c->n_images) {
+        /* a runtime computing in f32 takes the f32 reference embeddings of the bf16 model */
+        snprintf(p, sizeof p, "%s/image_embeds%s.npy", c->dir, c->bf16 ? "_f32ref" : "");
+        int64_t sh[4];
+        int nd;
+        c->embeds = npy_read_f32(p, sh, &nd);
+        if (!c->embeds) return false;
+        int64_t off = 0;
+        for (int i = 0; i < c->n_images; i++) {
+            const cJSON *t = cJSON_GetArrayItem(g, i);
+            for (int k = 0; k < 3; k++) c->img[i].grid_thw[k] = (int32_t)cJSON_GetArrayItem(t, k)->valuedouble;
+            c->img[i].n_tokens = (int64_t)c->img[i].grid_thw[0] * c->img[i].grid_thw[1] * c->img[i].grid_thw[2] / 4;
+            c->img[i].embeds = c->embeds + off * sh[1];
+            off += c->img[i].n_tokens;
+        }
+    }
+    return true;
+}
+
+static void case_free(fcase *c) {
+    cJSON_Delete(c->j);
+    free(c->prompt);
+    free(c->embeds);
+}
+
+static vlm_seq_desc desc_of(const fcase *c, int max_tokens) {
+    vlm_seq_desc d = {0};
+    d.prompt = c->prompt;
+    d.n_prompt = c->n_prompt;
+    d.images = c->n_images ? c->img : NULL;
+    d.n_images = c->n_images;
+    vlm_sampling_default(&d.sampling);
+    d.max_tokens = max_tokens;
+    d.ignore_eos = true;
+    return d;
+}
+
+/* Runs the engine until every listed sequence finished; out[k] receives sequence k's tokens.
+ * add_at[k] > 0 delays adding sequence k until that many steps ran. */
+static void run_engine(vlm_engine *e, const vlm_seq_desc *d, int n, const int *add_at, int32_t out[][64],
+                       int *n_out) {
+    uint64_t ids[16];
+    bool added[16] = {0};
+    char err[256];
+    for (int k = 0; k < n; k++) n_out[k] = 0;
+    vlm_token_event ev[32];
+    for (int step = 0; step < 10000; step++) {
+        for (int k = 0; k < n; k++)
+            if (!added[k] && (!add_at || add_at[k] <= step)) {
+                vlm_status st = vlm_engine_add(e, &d[k], &ids[k], err, sizeof err);
+                CHECKF(st == VLM_OK, "add: %s", err);
+                added[k] = true;
+            }
+        int ne = vlm_engine_step(e, ev, 32);
+        for (int i = 0; i < ne; i++)
+            for (int k = 0; k < n; k++)
+                if (added[k] && ev[i].seq_id == ids[k] && ev[i].token >= 0 && n_out[k] < 64) out[k][n_out[k]++] = ev[i].token;
+        bool all = true;
+        for (int k = 0; k < n; k++) all = all && added[k];
+        if (all && vlm_engine_active(e) == 0) break;
+    }
+}
+
+static const char *MODELS[] = {"tiny-f32-tied", "tiny-bf16-untied", "small-f32-hd32"};
+static const char *CASES[] = {"text", "image", "image_odd", "image_tiny", "two_images", "multiturn", "max_pixels",
+                              "rgba", "jpeg"};
+
+static vlm_model *load_model(const char *name, bool convert) {
+    char dir[600], err[512];
+    snprintf(dir, sizeof dir, "%s/%s", models_dir, name);
+    vlm_load_opts o = {.threads = 2, .convert_f32 = convert};
+    vlm_model *m = NULL;
+    vlm_status st = vlm_model_load(dir, &o, &m, err, sizeof err);
+    CHECKF(st == VLM_OK, "load %s: %s", name, err);
+    return m;
+}
+
+static double worst_f32_diff, worst_bf16_ref_diff;
+
+static void test_fixture_cases(void) {
+    for (size_t mi = 0; mi < sizeof MODELS / sizeof *MODELS; mi++) {
+        vlm_model *m = load_model(MODELS[mi], false);
+        if (!m) continue;
+        const vlm_model_config *cfg = vlm_model_cfg(m);
+        for (size_t ci = 0; ci < sizeof CASES / sizeof *CASES; ci++) {
+            fcase c;
+            if (!case_load(&c, MODELS[mi], CASES[ci])) { case_free(&c); continue; }
+            /* positions */
+            int64_t *pos = malloc((size_t)(3 * c.n_prompt) * sizeof *pos);
+            int32_t grids[8][3];
+            for (int i = 0; i < c.n_images; i++) memcpy(grids[i], c.img[i].grid_thw, sizeof grids[i]);
+            int64_t delta = vlm_rope_index(cfg, c.prompt, c.n_prompt, (const int32_t(*)[3])grids, c.n_images, pos);
+            CHECKF(delta == (int64_t)cJSON_GetObjectItem(c.j, "rope_delta")->valuedouble, "%s rope_delta", c.dir);
+            const cJSON *pj = cJSON_GetObjectItem(c.j, "position_ids");
+            int bad = 0;
+            for (int s = 0; s < 3; s++)
+                for (int64_t i = 0; i < c.n_prompt; i++)
+                    if (pos[s * c.n_prompt + i] != (int64_t)cJSON_GetArrayItem(cJSON_GetArrayItem(pj, s), (int)i)->valuedouble) bad++;
+            CHECKF(bad == 0, "%s: %d position ids differ", c.dir, bad);
+            free(pos);
+            /* logits of the first step and the 32-token greedy continuation */
+            vlm_engine_opts eo = {.threads = 2, .max_seqs = 4, .max_batch_tokens = 256};
+            vlm_engine *e = NULL;
+            char err[256];
+            CHECK(vlm_engine_create(m, &eo, &e, err, sizeof err) == VLM_OK);
+            vlm_seq_desc d = desc_of(&c, 32);
+            d.want_logits = true;
+            uint64_t id;
+            vlm_status st = vlm_engine_add(e, &d, &id, err, sizeof err);
+            CHECKF(st == VLM_OK, "%s: %s", c.dir, err);
+            vlm_token_event ev[4];
+            int32_t toks[32];
+            int nt = 0;
+            for (int step = 0; step < 100 && vlm_engine_active(e); step++) {
+                int ne = vlm_engine_step(e, ev, 4);
+                if (nt == 0 && ne > 0) {
+                    char p[600];
+                    int64_t sh[4];
+                    int nd;
+                    snprintf(p, sizeof p, "%s/logits0%s.npy", c.dir, c.bf16 ? "_f32ref" : "");
+                    float *ref = npy_read_f32(p, sh, &nd);
+                    const float *lg = vlm_engine_logits(e, id);
+                    CHECK(ref && lg);
+                    if (ref && lg) {
+                        double md = 0;
+                        for (int64_t i = 0; i < cfg->vocab; i++) md = fmax(md, fabs((double)lg[i] - ref[i]));
+                        CHECKF(md <= LOGITS_TOL_F32, "%s logits0%s max |diff| %.3g", c.dir, c.bf16 ? "_f32ref" : "", md);
+                        worst_f32_diff = fmax(worst_f32_diff, md);
+                        fprintf(stderr, "  %s: logits0 max|diff| %.3g\n", c.dir, md);
+                    }
+                    free(ref);
+                    if (c.bf16 && lg) {
+                        snprintf(p, sizeof p, "%s/logits0.npy", c.dir);
+                        ref = npy_read_f32(p, sh, &nd);
+                        double md = 0;
+                        for (int64_t i = 0; ref && i < cfg->vocab; i++) md = fmax(md, fabs((double)lg[i] - ref[i]));
+                        double tol = cJSON_GetObjectItem(c.j, "logits0_bf16_vs_f32ref_max_abs")->valuedouble + LOGITS_TOL_F32;
+                        CHECKF(ref && md <= tol, "%s vs HF bf16 logits0: %.3g > %.3g", c.dir, md, tol);
+                        worst_bf16_ref_diff = fmax(worst_bf16_ref_diff, md);
+                        free(ref);
+                    }
+                }
+                for (int i = 0; i < ne; i++) if (ev[i].token >= 0 && nt < 32) toks[nt++] = ev[i].token;
+            }
+            int64_t ng;
+            int32_t *want = ids_of(cJSON_GetObjectItem(c.j, c.bf16 ? "greedy_ids_f32ref" : "greedy_ids"), &ng);
+            CHECK_EQ_INT(nt, ng);
+            int first_bad = -1;
+            for (int i = 0; i < nt && i < ng; i++) if (toks[i] != want[i]) { first_bad = i; break; }
+            CHECKF(first_bad < 0, "%s: greedy differs at step %d", c.dir, first_bad);
+            free(want);
+            vlm_engine_free(e);
+            case_free(&c);
+        }
+        vlm_model_free(m);
+    }
+    fprintf(stderr, "  worst f32 logits0 diff %.3g; bf16 model vs HF bf16 logits0 %.3g\n", worst_f32_diff,
+            worst_bf16_ref_diff);
+}
+
+/* generation_config defaults (penalty 1.05, top_k 1, temperature 0.1) and greedy with penalty 1.5 */
+static void test_penalised_generations(void) {
+    const char *models[] = {"tiny-f32-tied", "small-f32-hd32"};
+    for (int mi = 0; mi < 2; mi++) {
+        vlm_model *m = load_model(models[mi], false);
+        if (!m) continue;
+        const char *cases[] = {"text", "image"};
+        for (int ci = 0; ci < 2; ci++) {
+            fcase c;
+            if (!case_load(&c, models[mi], cases[ci])) { case_free(&c); continue; }
+            const char *gens[] = {"default_generation", "penalty_generation"};
+            for (int g = 0; g < 2; g++) {
+                const cJSON *gj = cJSON_GetObjectItem(c.j, gens[g]);
+                vlm_seq_desc d = desc_of(&c, 32);
+                d.sampling.repetition_penalty = (float)cJSON_GetObjectItem(gj, "repetition_penalty")->valuedouble;
+                const cJSON *tk = cJSON_GetObjectItem(gj, "top_k");
+                if (g == 0) {
+                    d.sampling.temperature = (float)cJSON_GetObjectItem(gj, "temperature")->valuedouble;
+                    d.sampling.top_k = cJSON_IsNumber(tk) ? (int)tk->valuedouble : 0;
+                    d.sampling.top_p = (float)cJSON_GetObjectItem(gj, "top_p")->valuedouble;
+                }
+                vlm_engine_opts eo = {.threads = 2};
+                vlm_engine *e = NULL;
+                char err[256];
+                CHECK(vlm_engine_create(m, &eo, &e, err, sizeof err) == VLM_OK);
+                int32_t out[1][64];
+                int n_out[1];
+                run_engine(e, &d, 1, NULL, out, n_out);
+                int64_t ng;
+                int32_t *want = ids_of(cJSON_GetObjectItem(gj, "ids"), &ng);
+                CHECK_EQ_INT(n_out[0], ng);
+                int bad = -1;
+                for (int i = 0; i < n_out[0] && i < ng; i++) if (out[0][i] != want[i]) { bad = i; break; }
+                CHECKF(bad < 0, "%s %s: differs at step %d", c.dir, gens[g], bad);
+                free(want);
+                vlm_engine_free(e);
+            }
+            case_free(&c);
+        }
+        vlm_model_free(m);
+    }
+}
+
+/* several prompts together, one joining mid-way, small chunks, and a KV pool that forces preemption:
+ * every sequence must produce exactly its fixture's greedy tokens. */
+static void batch_check(const char *model, vlm_engine_opts eo, bool late, bool expect_preempt) {
+    vlm_model *m = load_model(model, false);
+    if (!m) return;
+    const char *names[] = {"text", "image", "two_images", "image_odd"};
+    fcase c[4];
+    vlm_seq_desc d[4];
+    int n = 0;
+    for (int i = 0; i < 4; i++) {
+        if (!case_load(&c[n], model, names[i])) { case_free(&c[n]); continue; }
+        d[n] = desc_of(&c[n], 24);
+        n++;
+    }
+    CHECK(n >= 3);
+    vlm_engine *e = NULL;
+    char err[256];
+    vlm_status st = vlm_engine_create(m, &eo, &e, err, sizeof err);
+    CHECKF(st == VLM_OK, "%s", err);
+    if (st == VLM_OK) {
+        int add_at[4] = {0, 0, late ? 5 : 0, late ? 9 : 0};
+        int32_t out[4][64];
+        int n_out[4];
+        run_engine(e, d, n, add_at, out, n_out);
+        for (int k = 0; k < n; k++) {
+            int64_t ng;
+            int32_t *want = ids_of(cJSON_GetObjectItem(c[k].j, "greedy_ids"), &ng);
+            CHECK_EQ_INT(n_out[k], 24);
+            int bad = -1;
+            for (int i = 0; i < n_out[k]; i++) if (out[k][i] != want[i]) { bad = i; break; }
+            CHECKF(bad < 0, "%s batched: differs at step %d", c[k].dir, bad);
+            free(want);
+        }
+        vlm_engine_stats s;
+        vlm_engine_get_stats(e, &s);
+        if (expect_preempt) CHECKF(s.preempted_total > 0, "no preemption happened (pool %lld pages)", (long long)s.kv_pages_total);
+        CHECK_EQ_INT(s.kv_pages_used, 0);
+        vlm_engine_free(e);
+    }
+    for (int k = 0; k < n; k++) case_free(&c[k]);
+    vlm_model_free(m);
+}
+
+static void test_batching_invariance(void) {
+    batch_check("tiny-f32-tied", (vlm_engine_opts){.threads = 2, .max_seqs = 8, .max_batch_tokens = 512}, true, false);
+}
+static void test_chunked_prefill(void) {
+    batch_check("small-f32-hd32", (vlm_engine_opts){.threads = 2, .max_seqs = 8, .max_batch_tokens = 7, .page_tokens = 4},
+                true, false);
+}
+static void test_preemption(void) {
+    /* tiny-f32-tied: 2 layers x 2 kv heads x 16 dims; a page of 16 tokens = 2*2*16*32*4 = 8 KiB.
+     * 12 pages (192 tokens) hold the largest sequence (image: 89 + 24 tokens, 8 pages) but not all four
+     * (23 pages together). */
+    batch_check("tiny-f32-tied", (vlm_engine_opts){.threads = 2, .max_seqs = 8, .max_batch_tokens = 64,
+                                                   .kv_memory_bytes = 12 * 8192}, false, true);
+}
+
+static void test_add_errors(void) {
+    vlm_model *m = load_model("tiny-f32-tied", false);
+    if (!m) return;
+    fcase c;
+    if (!case_load(&c, "tiny-f32-tied", "image")) { case_free(&c); vlm_model_free(m); return; }
+    vlm_engine *e = NULL;
+    char err[256];
+    vlm_engine_opts eo = {.threads = 2};
+    CHECK(vlm_engine_create(m, &eo, &e, err, sizeof err) == VLM_OK);
+    vlm_seq_desc d = desc_of(&c, 8);
+    d.n_images = 0;
+    d.images = NULL;
+    CHECK_EQ_INT(vlm_engine_add(e, &d, NULL, err, sizeof err), VLM_E_INVALID);
+    CHECK(strstr(err, "image pad") != NULL);
+    d = desc_of(&c, 8);
+    vlm_image_embeds im = c.img[0];
+    im.n_tokens -= 4;
+    d.images = &im;
+    CHECK_EQ_INT(vlm_engine_add(e, &d, NULL, err, sizeof err), VLM_E_INVALID);
+    d = desc_of(&c, 40000);
+    CHECK_EQ_INT(vlm_engine_add(e, &d, NULL, err, sizeof err), VLM_E_LIMIT);
+    int32_t badtok = 999999;
+    d = desc_of(&c, 8);
+    d.prompt = &badtok;
+    d.n_prompt = 1;
+    d.n_images = 0;
+    CHECK_EQ_INT(vlm_engine_add(e, &d, NULL, err, sizeof err), VLM_E_INVALID);
+    /* cancel: the sequence leaves with a CANCELLED event and frees its pages */
+    d = desc_of(&c, 8);
+    uint64_t id;
+    CHECK_EQ_INT(vlm_engine_add(e, &d, &id, err, sizeof err), VLM_OK);
+    vlm_token_event ev[4];
+    vlm_engine_step(e, ev, 4);
+    vlm_engine_cancel(e, id);
+    int ne = vlm_engine_step(e, ev, 4);
+    CHECK(ne >= 1 && ev[0].finish == VLM_FINISH_CANCELLED && ev[0].seq_id == id);
+    CHECK_EQ_INT(vlm_engine_active(e), 0);
+    vlm_engine_stats s;
+    vlm_engine_get_stats(e, &s);
+    CHECK_EQ_INT(s.kv_pages_used, 0);
+    /* eos stops: the model's first greedy token listed as an extra stop id ends after one token */
+    d = desc_of(&c, 8);
+    int32_t stop = (int32_t)cJSON_GetArrayItem(cJSON_GetObjectItem(c.j, "greedy_ids"), 0)->valuedouble;
+    d.stop_ids = &stop;
+    d.n_stop_ids = 1;
+    CHECK_EQ_INT(vlm_engine_add(e, &d, &id, err, sizeof err), VLM_OK);
+    ne = vlm_engine_step(e, ev, 4);
+    CHECK(ne == 1 && ev[0].token == stop && ev[0].finish == VLM_FINISH_STOP);
+    /* max_tokens -> LENGTH */
+    d = desc_of(&c, 2);
+    CHECK_EQ_INT(vlm_engine_add(e, &d, &id, err, sizeof err), VLM_OK);
+    int last = VLM_FINISH_NONE, count = 0;
+    while (vlm_engine_active(e)) {
+        ne = vlm_engine_step(e, ev, 4);
+        for (int i = 0; i < ne; i++) { count++; last = ev[i].finish; }
+    }
+    CHECK_EQ_INT(count, 2);
+    CHECK_EQ_INT(last, VLM_FINISH_LENGTH);
+    vlm_engine_free(e);
+    case_free(&c);
+    vlm_model_free(m);
+}
+
+/* convert_f32 gives the same tokens as the mmapped bf16 weights (both compute in f32) */
+static void test_convert_f32(void) {
+    vlm_model *m = load_model("tiny-bf16-untied", true);
+    if (!m) return;
+    CHECK_EQ_INT(vlm_model_cfg(m)->weight_dtype, VLM_BF16);
+    fcase c;
+    if (case_load(&c, "tiny-bf16-untied", "text")) {
+        vlm_engine *e = NULL;
+        char err[256];
+        vlm_engine_opts eo = {.threads = 2};
+        CHECK(vlm_engine_create(m, &eo, &e, err, sizeof err) == VLM_OK);
+        vlm_seq_desc d = desc_of(&c, 16);
+        int32_t out[1][64];
+        int n_out[1];
+        run_engine(e, &d, 1, NULL, out, n_out);
+        int64_t ng;
+        int32_t *want = ids_of(cJSON_GetObjectItem(c.j, "greedy_ids_f32ref"), &ng);
+        for (int i = 0; i < n_out[0]; i++) CHECK_EQ_INT(out[0][i], want[i]);
+        free(want);
+        vlm_engine_free(e);
+    }
+    case_free(&c);
+    vlm_model_free(m);
+}
+
+int main(void) {
+    models_dir = getenv("VLMD_TEST_MODELS");
+    if (!models_dir) {
+        printf("test_model: VLMD_TEST_MODELS unset, skipping (run through tests/run.sh)\n");
+        TEST_MAIN_END("model");
+    }
+    RUN(test_fixture_cases);
+    RUN(test_penalised_generations);
+    RUN(test_batching_invariance);
+    RUN(test_chunked_prefill);
+    RUN(test_preemption);
+    RUN(test_add_errors);
+    RUN(test_convert_f32);
+    TEST_MAIN_END("model");
+}

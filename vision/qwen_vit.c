@@ -7,8 +7,8 @@
  *
  * Weights stay in the checkpoint's dtype (BF16 or F32, mmapped) and go through vlm_linear;
  * only the small LayerNorm vectors are converted to f32 at load. Attention runs per head over
- * blocks of query rows with the full score row (block × segment floats per task), so a
- * 9216-patch image never materialises a 9216² matrix per head. */
+ * blocks of query rows with the full score row (about 4M floats per block), so a 9216-patch image
+ * never materialises a 9216² matrix per head. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,7 +17,6 @@
 
 #define VIT_LN_EPS 1e-6f         /* nn.LayerNorm(eps=1e-6) in the reference blocks and ln_q */
 #define VIT_ROPE_THETA 10000.0f  /* VisionRotaryEmbedding default theta */
-#define VIT_QBLOCK 128           /* query rows per attention task */
 
 typedef struct {
     float *n1w, *n1b, *n2w, *n2b; /* [E] */
@@ -226,33 +225,53 @@ static void apply_rope(const vlm_vit *v, float *qkv, int64_t n, const int32_t *r
     }
 }
 
-/* out[n, E] = attention over one segment of L rows starting at row s0. */
+/* Query rows per block: the score block [bq, L] stays near 4M floats (16 MB) whatever the
+ * segment length, and never below 128 rows so the products stay efficient. */
+static int64_t query_block(int64_t L) {
+    int64_t bq = ((int64_t)4 << 20) / (L > 0 ? L : 1);
+    if (bq < 128) bq = 128;
+    return bq < L ? bq : L;
+}
+
+/* out rows [s0, s0+L) = softmax(Q Kᵀ · scale) V per head, for one segment (no mask).
+ * The two products go through vlm_linear (x · Wᵀ with an f32 "weight"): S = Q_h · K_hᵀ with K_h
+ * packed [L, D], then O = P · (V_hᵀ)ᵀ with V_hᵀ packed [D, L]. Heads and query blocks run one
+ * after another so that the kernel's own threading gets every core. */
 static vlm_status attention_segment(const vlm_vit *v, const float *qkv, int64_t s0, int64_t L,
                                     float *out) {
     const int E = v->E, D = v->D, H = v->H;
     const float scale = 1.0f / sqrtf((float)D);
-    const int64_t nqb = (L + VIT_QBLOCK - 1) / VIT_QBLOCK;
-    const int64_t ntask = nqb * H;
-    int failed = 0;
-#pragma omp parallel
-    {
-        float *S = malloc((size_t)VIT_QBLOCK * (size_t)L * sizeof(float));
-        if (!S) {
-#pragma omp atomic write
-            failed = 1;
+    const int64_t bq = query_block(L);
+    float *K = malloc((size_t)L * D * sizeof(float));  /* [L, D] */
+    float *Vt = malloc((size_t)L * D * sizeof(float)); /* [D, L] */
+    float *Q = malloc((size_t)bq * D * sizeof(float)); /* [bq, D] */
+    float *O = malloc((size_t)bq * D * sizeof(float)); /* [bq, D] */
+    float *S = malloc((size_t)bq * L * sizeof(float)); /* [bq, L] */
+    vlm_status st = VLM_OK;
+    if (!K || !Vt || !Q || !O || !S) {
+        st = VLM_E_NOMEM;
+        goto done;
+    }
+    vlm_tensor kt = {.dtype = VLM_F32, .ndim = 2, .shape = {L, D}, .data = K,
+                     .nbytes = (size_t)L * D * sizeof(float)};
+    vlm_tensor vt = {.dtype = VLM_F32, .ndim = 2, .shape = {D, L}, .data = Vt,
+                     .nbytes = (size_t)L * D * sizeof(float)};
+    for (int h = 0; h < H; h++) {
+        const float *qh = qkv + s0 * 3 * E + (int64_t)h * D;
+#pragma omp parallel for schedule(static)
+        for (int64_t j = 0; j < L; j++) {
+            const float *row = qh + j * 3 * E;
+            for (int d = 0; d < D; d++) {
+                K[j * D + d] = row[E + d];
+                Vt[(int64_t)d * L + j] = row[2 * E + d];
+            }
         }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < ntask; t++) {
-            if (!S) continue;
-            int h = (int)(t % H);
-            int64_t q0 = (t / H) * VIT_QBLOCK;
-            int64_t bq = L - q0 < VIT_QBLOCK ? L - q0 : VIT_QBLOCK;
-            const float *Q = qkv + (s0 + q0) * 3 * E + (int64_t)h * D;
-            const float *K = qkv + s0 * 3 * E + E + (int64_t)h * D;
-            const float *V = qkv + s0 * 3 * E + 2 * E + (int64_t)h * D;
-            /* S: [bq, L] = Q · Kᵀ */
-            vlm_gemm_f32(bq, L, D, Q, 3 * E, K, 3 * E, true, 0.0f, S, L);
-            for (int64_t i = 0; i < bq; i++) {
+        for (int64_t q0 = 0; q0 < L; q0 += bq) {
+            const int64_t nb = L - q0 < bq ? L - q0 : bq;
+            for (int64_t i = 0; i < nb; i++) memcpy(Q + i * D, qh + (q0 + i) * 3 * E, D * sizeof(float));
+            vlm_linear(Q, nb, D, &kt, NULL, S); /* S: [nb, L] */
+#pragma omp parallel for schedule(static)
+            for (int64_t i = 0; i < nb; i++) {
                 float *r = S + i * L, mx = -INFINITY;
                 for (int64_t j = 0; j < L; j++) {
                     r[j] *= scale;
@@ -263,15 +282,21 @@ static vlm_status attention_segment(const vlm_vit *v, const float *qkv, int64_t 
                     r[j] = expf(r[j] - mx);
                     sum += r[j];
                 }
-                float inv = (float)(1.0 / sum);
+                const float inv = (float)(1.0 / sum);
                 for (int64_t j = 0; j < L; j++) r[j] *= inv;
             }
-            /* out rows [bq, D] of head h = S · V */
-            vlm_gemm_f32(bq, D, L, S, L, V, 3 * E, false, 0.0f, out + (s0 + q0) * E + (int64_t)h * D, E);
+            vlm_linear(S, nb, L, &vt, NULL, O); /* O: [nb, D] */
+            for (int64_t i = 0; i < nb; i++)
+                memcpy(out + (s0 + q0 + i) * E + (int64_t)h * D, O + i * D, D * sizeof(float));
         }
-        free(S);
     }
-    return failed ? VLM_E_NOMEM : VLM_OK;
+done:
+    free(K);
+    free(Vt);
+    free(Q);
+    free(O);
+    free(S);
+    return st;
 }
 
 static inline float quick_gelu(float z) { return z / (1.0f + expf(-1.702f * z)); }

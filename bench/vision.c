@@ -1,6 +1,6 @@
 /* bench/vision.c — Qwen2-VL vision encode time (preprocess + ViT + merger) on a real-size model.
  *
- *   build/bench/vision MODEL_DIR [threads=2] [reps=1]
+ *   build/bench/vision MODEL_DIR [threads=2] [reps=1] [max_side=1344]
  *
  * Encodes a synthetic 448x448 and a 1344x1344 RGB image (smooth gradients plus noise; the ViT
  * cost depends only on the patch count) and prints one table row per size with the CPU and
@@ -35,7 +35,7 @@ static void synth(vlm_image *img, int w, int h) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s MODEL_DIR [threads=2] [reps=1]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL_DIR [threads=2] [reps=1] [max_side=1344]\n", argv[0]);
         return 2;
     }
     int threads = argc > 2 ? atoi(argv[2]) : 2, reps = argc > 3 ? atoi(argv[3]) : 1;
@@ -65,7 +65,8 @@ int main(int argc, char **argv) {
     const int sizes[2] = {448, 1344};
     const char *base[2] = {"9.9/8.05", "248"};
     int rc = 0;
-    for (int si = 0; si < 2; si++) {
+    const int max_side = argc > 4 ? atoi(argv[4]) : 1344;
+    for (int si = 0; si < 2 && sizes[si] <= max_side; si++) {
         vlm_image img;
         synth(&img, sizes[si], sizes[si]);
         double best_pp = 1e30, best_vit = 1e30;

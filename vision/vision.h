@@ -28,21 +28,26 @@ typedef struct {
     uint8_t *rgb; /* [height][width][3], owned */
 } vlm_image;
 
-/* PNG, JPEG, BMP, GIF (first frame) via stb_image, WebP via libwebp. Alpha is dropped (HF's
- * slow-path convert("RGB") behaviour). Dimensions are checked against the limits from the header
- * before pixels are decoded. VLM_E_FORMAT for corrupt data, VLM_E_LIMIT for limit violations. */
+/* PNG, JPEG, BMP, GIF (first frame) via stb_image, WebP via libwebp. Transparency is composited
+ * onto white exactly as transformers 5.24's convert_to_rgb (Pillow alpha_composite) does — the
+ * reference the fixtures record; older transformers dropped alpha (SPEC §E.1). Dimensions are
+ * checked against the limits from the header before pixels are decoded. VLM_E_FORMAT for corrupt
+ * data, VLM_E_LIMIT for limit violations. lim NULL means vlm_img_limits_default. */
 vlm_status vlm_img_decode(const uint8_t *bytes, size_t n, const vlm_img_limits *lim, vlm_image *out,
                           char *err, size_t errlen);
 vlm_status vlm_img_load_file(const char *path, const vlm_img_limits *lim, vlm_image *out,
                              char *err, size_t errlen);
 void vlm_img_free(vlm_image *img);
 
-/* Qwen2-VL smart_resize (SPEC §E.2): factor 28, Python round-half-even, min/max pixel budget. */
+/* Qwen2-VL smart_resize as transformers 5.24 (SPEC §E.2 with its differences: sides < factor are
+ * accepted, the max branch clamps each side to >= factor; only aspect > 200 is an error, VLM_E_LIMIT).
+ * Python round-half-even. A side that would be 0 (min_pixels 0) is VLM_E_INVALID. */
 vlm_status vlm_qwen_smart_resize(int64_t h, int64_t w, int factor, int64_t min_pixels,
                                  int64_t max_pixels, int64_t *out_h, int64_t *out_w,
                                  char *err, size_t errlen);
 
-/* PIL Image.resize(BICUBIC) on uint8 RGB, bit-compatible with Pillow's fixed-point resampler. */
+/* PIL Image.resize(BICUBIC) on uint8 RGB, bit-compatible with Pillow 13's fixed-point resampler
+ * (including its pass-order rule). VLM_E_INVALID for empty sizes, VLM_E_NOMEM. */
 vlm_status vlm_img_resize_bicubic(const vlm_image *src, int out_w, int out_h, vlm_image *dst);
 
 /* Per-call preprocessing overrides; 0 means "use the model's preprocessor_config value". */

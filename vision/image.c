@@ -1,0 +1,254 @@
+/* image.c — encoded image bytes -> 8-bit RGB, with every limit checked from the header first.
+ *
+ * PNG, JPEG, BMP, GIF (first frame) go through stb_image, WebP through libwebp. The header is
+ * read first (stbi_info_from_memory / WebPGetFeatures) and width, height, pixel count, aspect
+ * ratio and encoded size are checked before any pixel buffer is allocated, so a decompression
+ * bomb (a tiny PNG declaring 30000x30000) costs nothing.
+ *
+ * Transparency follows the reference version the fixtures record (transformers 5.24
+ * convert_to_rgb): any image with alpha is composited onto opaque white with Pillow's integer
+ * alpha_composite; opaque images are unchanged (the formula is the identity at alpha 255), and
+ * gray / palette images are expanded to RGB the way PIL's convert("RGB") does. */
+#include <limits.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <webp/decode.h>
+
+#include "vision/vis_internal.h"
+
+/* Bytes requested by the pixel decoders (not by header probing), for vlm_img_decoder_bytes. */
+static _Atomic size_t g_decoder_bytes;
+static _Thread_local int t_in_pixel_decode;
+
+size_t vlm_img_decoder_bytes(void) { return atomic_load(&g_decoder_bytes); }
+
+static void *vis_stb_malloc(size_t n) {
+    if (t_in_pixel_decode) atomic_fetch_add(&g_decoder_bytes, n);
+    return malloc(n);
+}
+static void *vis_stb_realloc(void *p, size_t n) {
+    if (t_in_pixel_decode) atomic_fetch_add(&g_decoder_bytes, n);
+    return realloc(p, n);
+}
+
+#define STBI_MALLOC(sz) vis_stb_malloc(sz)
+#define STBI_REALLOC(p, newsz) vis_stb_realloc(p, newsz)
+#define STBI_FREE(p) free(p)
+#define STBI_NO_STDIO
+#define STBI_NO_LINEAR
+#define STBI_NO_HDR
+#define STBI_ONLY_PNG
+#define STBI_ONLY_JPEG
+#define STBI_ONLY_BMP
+#define STBI_ONLY_GIF
+#define STB_IMAGE_IMPLEMENTATION
+/* stb_image is third-party code; its own warnings are not ours to fix under -Werror. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsign-compare"
+#pragma GCC diagnostic ignored "-Wunused-function"
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+#pragma GCC diagnostic ignored "-Wimplicit-fallthrough"
+#pragma GCC diagnostic ignored "-Wmisleading-indentation"
+#pragma GCC diagnostic ignored "-Wshift-negative-value"
+#pragma GCC diagnostic ignored "-Wtype-limits"
+#pragma GCC diagnostic ignored "-Wunused-but-set-variable"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <stb/stb_image.h>
+#pragma GCC diagnostic pop
+
+void vlm_img_limits_default(vlm_img_limits *l) {
+    l->max_width = 16384;
+    l->max_height = 16384;
+    l->max_pixels = 64ll * 1024 * 1024;
+    l->max_aspect = 200.0;
+    l->max_bytes = (size_t)32 << 20;
+}
+
+void vlm_img_free(vlm_image *img) {
+    if (!img) return;
+    free(img->rgb);
+    img->rgb = NULL;
+    img->width = img->height = 0;
+}
+
+static vlm_status check_dims(int64_t w, int64_t h, const vlm_img_limits *lim, const char *fmt,
+                             char *err, size_t errlen) {
+    if (w <= 0 || h <= 0)
+        return vis_err(err, errlen, VLM_E_FORMAT, "%s image declares an empty size %lldx%lld", fmt,
+                       (long long)w, (long long)h);
+    if (w > lim->max_width || h > lim->max_height)
+        return vis_err(err, errlen, VLM_E_LIMIT,
+                       "image %lldx%lld exceeds the per-side limit %lldx%lld", (long long)w,
+                       (long long)h, (long long)lim->max_width, (long long)lim->max_height);
+    if (w * h > lim->max_pixels)
+        return vis_err(err, errlen, VLM_E_LIMIT, "image %lldx%lld has %lld pixels, limit %lld",
+                       (long long)w, (long long)h, (long long)(w * h), (long long)lim->max_pixels);
+    double lo = (double)(w < h ? w : h), hi = (double)(w < h ? h : w);
+    if (hi / lo > lim->max_aspect)
+        return vis_err(err, errlen, VLM_E_LIMIT, "image %lldx%lld has aspect ratio %.1f, limit %.1f",
+                       (long long)w, (long long)h, hi / lo, lim->max_aspect);
+    return VLM_OK;
+}
+
+/* RGBA -> RGB over white, in place order-safe (reads 4 bytes ahead of the 3 it writes). */
+static uint8_t *rgba_to_rgb(const uint8_t *rgba, int64_t npx) {
+    uint8_t *rgb = malloc((size_t)npx * 3);
+    if (!rgb) return NULL;
+    for (int64_t i = 0; i < npx; i++) {
+        unsigned a = rgba[4 * i + 3];
+        rgb[3 * i + 0] = vis_over_white(rgba[4 * i + 0], a);
+        rgb[3 * i + 1] = vis_over_white(rgba[4 * i + 1], a);
+        rgb[3 * i + 2] = vis_over_white(rgba[4 * i + 2], a);
+    }
+    return rgb;
+}
+
+static uint32_t rd_be32(const uint8_t *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static uint32_t rd_le32(const uint8_t *p) {
+    return (uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[1] << 8 | p[0];
+}
+
+/* Declared size from a PNG IHDR, GIF logical screen or BMP info header (1 when found). */
+static int header_dims(const uint8_t *b, size_t n, int64_t *w, int64_t *h) {
+    if (n >= 24 && !memcmp(b, "\x89PNG\r\n\x1a\n", 8) && !memcmp(b + 12, "IHDR", 4)) {
+        *w = rd_be32(b + 16);
+        *h = rd_be32(b + 20);
+        return 1;
+    }
+    if (n >= 10 && (!memcmp(b, "GIF87a", 6) || !memcmp(b, "GIF89a", 6))) {
+        *w = b[6] | b[7] << 8;
+        *h = b[8] | b[9] << 8;
+        return 1;
+    }
+    if (n >= 26 && b[0] == 'B' && b[1] == 'M' && rd_le32(b + 14) >= 40) {
+        *w = (int32_t)rd_le32(b + 18);
+        int64_t hh = (int32_t)rd_le32(b + 22);
+        *h = hh < 0 ? -hh : hh;
+        return 1;
+    }
+    return 0;
+}
+
+static int is_webp(const uint8_t *b, size_t n) {
+    return n >= 12 && !memcmp(b, "RIFF", 4) && !memcmp(b + 8, "WEBP", 4);
+}
+
+vlm_status vlm_img_decode(const uint8_t *bytes, size_t n, const vlm_img_limits *lim, vlm_image *out,
+                          char *err, size_t errlen) {
+    vlm_img_limits dl;
+    if (!lim) {
+        vlm_img_limits_default(&dl);
+        lim = &dl;
+    }
+    memset(out, 0, sizeof *out);
+    if (!bytes || n == 0) return vis_err(err, errlen, VLM_E_FORMAT, "empty image data");
+    if (n > lim->max_bytes)
+        return vis_err(err, errlen, VLM_E_LIMIT, "encoded image is %zu bytes, limit %zu", n,
+                       lim->max_bytes);
+
+    if (is_webp(bytes, n)) {
+        WebPBitstreamFeatures f;
+        if (WebPGetFeatures(bytes, n, &f) != VP8_STATUS_OK)
+            return vis_err(err, errlen, VLM_E_FORMAT, "invalid WebP header");
+        if (f.has_animation)
+            return vis_err(err, errlen, VLM_E_UNSUPPORTED, "animated WebP is not supported");
+        vlm_status st = check_dims(f.width, f.height, lim, "WebP", err, errlen);
+        if (st != VLM_OK) return st;
+        int w = 0, h = 0;
+        atomic_fetch_add(&g_decoder_bytes, (size_t)f.width * (size_t)f.height * 4);
+        uint8_t *rgba = WebPDecodeRGBA(bytes, n, &w, &h);
+        if (!rgba) return vis_err(err, errlen, VLM_E_FORMAT, "corrupt or truncated WebP data");
+        if (w != f.width || h != f.height) {
+            WebPFree(rgba);
+            return vis_err(err, errlen, VLM_E_FORMAT, "WebP size changed while decoding");
+        }
+        out->rgb = rgba_to_rgb(rgba, (int64_t)w * h);
+        WebPFree(rgba);
+        if (!out->rgb) return vis_err(err, errlen, VLM_E_NOMEM, "out of memory for %dx%d image", w, h);
+        out->width = w;
+        out->height = h;
+        return VLM_OK;
+    }
+
+    if (n > INT_MAX) return vis_err(err, errlen, VLM_E_LIMIT, "encoded image too large");
+    int w = 0, h = 0, comp = 0;
+    if (!stbi_info_from_memory(bytes, (int)n, &w, &h, &comp)) {
+        /* stb refuses some huge declared sizes itself ("too large"); report those as limit
+         * violations, with the size read from the header, rather than as corrupt data. */
+        int64_t hw, hh;
+        if (header_dims(bytes, n, &hw, &hh)) {
+            vlm_status st = check_dims(hw, hh, lim, "the", err, errlen);
+            if (st != VLM_OK) return st;
+        }
+        return vis_err(err, errlen, VLM_E_FORMAT,
+                       "unrecognised or corrupt image header (PNG, JPEG, BMP, GIF, WebP accepted)");
+    }
+    vlm_status st = check_dims(w, h, lim, "the", err, errlen);
+    if (st != VLM_OK) return st;
+
+    int w2 = 0, h2 = 0, c2 = 0;
+    /* 4 components: stb expands gray (replicated), palette and tRNS transparency like PIL does. */
+    t_in_pixel_decode = 1;
+    uint8_t *rgba = stbi_load_from_memory(bytes, (int)n, &w2, &h2, &c2, 4);
+    t_in_pixel_decode = 0;
+    if (!rgba)
+        return vis_err(err, errlen, VLM_E_FORMAT, "corrupt or truncated image data (%s)",
+                       stbi_failure_reason() ? stbi_failure_reason() : "decoder error");
+    if (w2 != w || h2 != h) {
+        stbi_image_free(rgba);
+        return vis_err(err, errlen, VLM_E_FORMAT, "image size changed while decoding");
+    }
+    out->rgb = rgba_to_rgb(rgba, (int64_t)w * h);
+    stbi_image_free(rgba);
+    if (!out->rgb) return vis_err(err, errlen, VLM_E_NOMEM, "out of memory for %dx%d image", w, h);
+    out->width = w;
+    out->height = h;
+    return VLM_OK;
+}
+
+vlm_status vlm_img_load_file(const char *path, const vlm_img_limits *lim, vlm_image *out,
+                             char *err, size_t errlen) {
+    vlm_img_limits dl;
+    if (!lim) {
+        vlm_img_limits_default(&dl);
+        lim = &dl;
+    }
+    memset(out, 0, sizeof *out);
+    FILE *f = fopen(path, "rb");
+    if (!f) return vis_err(err, errlen, VLM_E_IO, "cannot open image %s", path);
+    if (fseek(f, 0, SEEK_END) != 0) {
+        fclose(f);
+        return vis_err(err, errlen, VLM_E_IO, "cannot seek in %s", path);
+    }
+    long sz = ftell(f);
+    if (sz < 0) {
+        fclose(f);
+        return vis_err(err, errlen, VLM_E_IO, "cannot size %s", path);
+    }
+    if ((unsigned long)sz > lim->max_bytes) {
+        fclose(f);
+        return vis_err(err, errlen, VLM_E_LIMIT, "image file %s is %ld bytes, limit %zu", path, sz,
+                       lim->max_bytes);
+    }
+    rewind(f);
+    uint8_t *buf = malloc(sz ? (size_t)sz : 1);
+    if (!buf) {
+        fclose(f);
+        return vis_err(err, errlen, VLM_E_NOMEM, "out of memory reading %s", path);
+    }
+    size_t got = fread(buf, 1, (size_t)sz, f);
+    fclose(f);
+    if (got != (size_t)sz) {
+        free(buf);
+        return vis_err(err, errlen, VLM_E_IO, "short read on %s", path);
+    }
+    vlm_status st = vlm_img_decode(buf, got, lim, out, err, errlen);
+    free(buf);
+    return st;
+}

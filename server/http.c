@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include "server/serve.h"
@@ -61,7 +62,7 @@ typedef struct {
     route_t route;
     char *body;
     size_t len, cap;
-    bool responded;
+    bool responded, too_large;
     int status;
     vlmd_req *req;
     /* streaming */
@@ -166,6 +167,39 @@ static bool auth_ok(conn_t *cx) {
     unsigned diff = (unsigned)(la ^ lk);
     for (size_t i = 0; i < lk; i++) diff |= (unsigned char)key[i] ^ (unsigned char)(i < la ? a[i] : 0);
     return diff == 0; /* constant time in the key length */
+}
+
+
+/* MHD 0.9.75 cannot queue a response while a request body is still arriving. For a body that
+ * stalls past --read-timeout the answer is written straight to the socket (this connection's own
+ * thread is the only one using it, and there is no TLS), the write side is shut, pending input is
+ * drained briefly so the close does not turn into a reset that eats the answer, and MHD then closes
+ * the connection. */
+static enum MHD_Result send_raw_and_close(conn_t *cx, vlmd_err e, const char *msg) {
+    const vlmd_err_info *in = vlmd_err_lookup(e);
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(cx->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    cx->status = in->http;
+    cx->responded = true;
+    if (!ci) return MHD_NO;
+    int fd = ci->connect_fd;
+    char *j = vlmd_err_json(e, msg, NULL);
+    char head[512];
+    int hn = snprintf(head, sizeof head,
+                      "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
+                      "X-Request-Id: %s\r\nConnection: close\r\n\r\n",
+                      in->http, e == VLMD_ERR_READ_TIMEOUT ? "Request Timeout" : "Error", strlen(j), cx->rid);
+    (void)!send(fd, head, (size_t)hn, MSG_NOSIGNAL);
+    (void)!send(fd, j, strlen(j), MSG_NOSIGNAL);
+    free(j);
+    shutdown(fd, SHUT_WR);
+    char sink[4096];
+    double until = vlmd_now() + 0.2;
+    while (vlmd_now() < until) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, 20) <= 0) continue;
+        if (recv(fd, sink, sizeof sink, MSG_DONTWAIT) <= 0) break;
+    }
+    return MHD_NO;
 }
 
 /* ---- simple GET endpoints --------------------------------------------------------------- */
@@ -491,11 +525,14 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
     }
     if (*upload_size) {
         if (vlmd_now() - cx->t0 > h->cfg->read_timeout)
-            return send_error(cx, VLMD_ERR_READ_TIMEOUT, "the request body was not received in time", NULL);
-        if (cx->len + *upload_size > (size_t)h->cfg->max_body_bytes) {
-            char m[128];
-            snprintf(m, sizeof m, "the request body is larger than %lld bytes", (long long)h->cfg->max_body_bytes);
-            return send_error(cx, VLMD_ERR_TOO_LARGE, m, NULL);
+            return send_raw_and_close(cx, VLMD_ERR_READ_TIMEOUT, "the request body was not received in time");
+        if (cx->too_large || cx->len + *upload_size > (size_t)h->cfg->max_body_bytes) {
+            /* MHD 0.9.75 queues responses only before or after the body; a chunked body that
+             * crosses the limit is discarded as it arrives (no memory kept) and answered 413
+             * at its end, or 408 if it never ends within --read-timeout. */
+            cx->too_large = true;
+            *upload_size = 0;
+            return MHD_YES;
         }
         if (cx->len + *upload_size + 1 > cx->cap) {
             size_t nc = (cx->cap ? cx->cap * 2 : 4096) + *upload_size;
@@ -509,6 +546,11 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
         cx->body[cx->len] = 0;
         *upload_size = 0;
         return MHD_YES;
+    }
+    if (cx->too_large) {
+        char m[128];
+        snprintf(m, sizeof m, "the request body is larger than %lld bytes", (long long)h->cfg->max_body_bytes);
+        return send_error(cx, VLMD_ERR_TOO_LARGE, m, NULL);
     }
     if (cx->route == R_CHAT || cx->route == R_CMPL) return do_generate(cx);
     return do_get(cx, url);

@@ -106,7 +106,10 @@ def test_logprobs(client):
         assert e.bytes == list(e.token.encode())
         # greedy: the chosen token is the most likely one
         assert abs(e.top_logprobs[0].logprob - e.logprob) < 1e-4
-    assert "".join(e.token for e in lp) == r.choices[0].message.content
+    # Token strings concatenate to the text unless a token holds part of a UTF-8 character
+    # (then, as with OpenAI, its string shows U+FFFD and only its bytes are exact).
+    if not any("\ufffd" in e.token for e in lp):
+        assert "".join(e.token for e in lp) == r.choices[0].message.content
 
 
 def test_stop_string(client, tokenizer):

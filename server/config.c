@@ -46,7 +46,7 @@ static const opt_t OPTS[] = {
      "largest request body; 413 beyond (default 16M)"},
     {"max-images", T_INT, O(max_images), 0, 0, 4096, "images per request (default 16)"},
     {"max-image-pixels", T_BYTES, O(max_image_pixels), 0, 1, 1e12,
-     "decoded pixels per image (width*height; default 64M); also caps max_pixels"},
+     "pixels per uploaded image (width*height from its header, checked before decoding; default 64M)"},
     {"max-image-bytes", T_BYTES, O(max_image_bytes), 0, 1, 1e12,
      "encoded bytes per image (default 16M)"},
     {"max-tokens-default", T_INT, O(max_tokens_default), 0, 1, 1 << 30,

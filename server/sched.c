@@ -218,6 +218,10 @@ static bool admit(vlmd_sched *s, vlmd_req *r) {
     char err[512];
     pthread_mutex_lock(&r->mu);
     bool cancelled = r->cancel;
+    if (!cancelled && r->deadline > 0 && vlmd_now() > r->deadline) {
+        fail_req(r, VLMD_ERR_TIMEOUT, "the request deadline passed while it was queued");
+        cancelled = true;
+    }
     pthread_mutex_unlock(&r->mu);
     if (cancelled) return false;
     vlm_status st = vlmd_prompt_encode_images(s->b, &r->prompt, err, sizeof err);
@@ -347,7 +351,9 @@ static void drop_finished(vlmd_sched *s) {
         if (all_ended) check_finished(r);
         pthread_mutex_unlock(&r->mu);
         if (all_ended) {
+            pthread_mutex_lock(&s->mu);
             s->active_seqs -= r->n_ch;
+            pthread_mutex_unlock(&s->mu);
             if (r->t_first > 0) vlmd_metrics_e2e(s->m, r->t_done - r->t_arrival);
             vlmd_req_release(r);
         } else {
@@ -421,7 +427,9 @@ static void *engine_main(void *arg) {
                 keep = admit(s, r);
             }
             if (!keep) {
+                pthread_mutex_lock(&s->mu);
                 if (!cancel_all) s->active_seqs -= r->n_ch;
+                pthread_mutex_unlock(&s->mu);
                 vlmd_req_release(r);
                 continue;
             }

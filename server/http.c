@@ -86,6 +86,8 @@ static enum MHD_Result send_body(conn_t *cx, int status, const char *ctype, char
     MHD_add_response_header(resp, "Content-Type", ctype);
     MHD_add_response_header(resp, "X-Request-Id", cx->rid);
     if (h1) MHD_add_response_header(resp, h1, v1);
+    /* A refused body may still be arriving: close rather than parse what follows as a request. */
+    if (status == 413 || status == 408) MHD_add_response_header(resp, "Connection", "close");
     enum MHD_Result rc = MHD_queue_response(cx->conn, (unsigned)status, resp);
     MHD_destroy_response(resp);
     cx->responded = true;

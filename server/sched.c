@@ -387,7 +387,7 @@ static void *engine_main(void *arg) {
     pthread_mutex_unlock(&s->mu);
     if (st != VLM_OK) return NULL;
 
-    int max_ev = s->cfg->max_seqs * 2 + 16;
+    int max_ev = 2 * (s->cfg->max_seqs + s->cfg->max_n) + 16;
     vlm_token_event *ev = calloc((size_t)max_ev, sizeof *ev);
     VLM_ASSERT(ev);
     for (;;) {

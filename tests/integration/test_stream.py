@@ -71,3 +71,63 @@ def test_stream_utf8_boundaries(client):
     text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
                    if c.choices)
     assert text == whole
+
+
+def _metric(server, name):
+    st, _, text = server.request("GET", "/metrics")
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(name + " missing")
+
+
+def _wait_cancelled(server, rid, budget_s=5.0):
+    import time
+    t0 = time.time()
+    while time.time() - t0 < budget_s:
+        lines = [l for l in server.log if "event=request id=%s " % rid in l]
+        if lines and _metric(server, "vlmd_running_sequences") == 0:
+            return lines[0], time.time() - t0
+        time.sleep(0.02)
+    raise AssertionError("request %s was not cancelled within %.1f s:\n%s" % (rid, budget_s, server.log_text()[-2000:]))
+
+
+def test_disconnect_cancels_stream(server):
+    import http.client
+    import re
+    ctx = int(server.request("GET", "/v1/models")[2]["data"][0]["max_model_len"])
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": ctx - 64, "stream": True,
+            "ignore_eos": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json", "X-Request-Id": "disc-stream-1"})
+    resp = conn.getresponse()
+    got = b""
+    while got.count(b"data: ") < 3:  # role chunk + two tokens
+        got += resp.read1(4096)
+    conn.sock.close()
+    conn.close()
+    line, _ = _wait_cancelled(server, "disc-stream-1")
+    n = int(re.search(r"completion_tokens=(\d+)", line).group(1))
+    assert n < ctx - 64
+
+
+def test_disconnect_cancels_non_stream(server):
+    import re
+    import socket
+    import time
+    ctx = int(server.request("GET", "/v1/models")[2]["data"][0]["max_model_len"])
+    body = json.dumps({"messages": [{"role": "user", "content": "go"}], "max_tokens": ctx - 64,
+                       "ignore_eos": True}).encode()
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"X-Request-Id: disc-plain-1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    for _ in range(500):  # wait until it generates
+        if _metric(server, "vlmd_running_sequences") >= 1:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)
+    s.close()
+    line, _ = _wait_cancelled(server, "disc-plain-1")
+    assert int(re.search(r"completion_tokens=(\d+)", line).group(1)) < ctx - 64
+    assert "status=499" in line

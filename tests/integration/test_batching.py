@@ -30,3 +30,24 @@ def test_sixteen_concurrent_equal_alone(client):
     for i in range(16):
         assert together[i] == alone[i], "request %d differs when batched" % i
     assert len({a[0] for a in alone}) > 1  # the prompts really differ
+
+
+def test_preemption_keeps_results(client):
+    """With a KV pool too small for all 16 at once (--kv-memory 256K holds a few hundred tokens of
+    the tiny model), the engine must preempt and resume sequences; every result still equals the
+    request run alone on the roomy session server."""
+    import openai
+    from conftest import start_server
+    alone = [run(client, i) for i in range(16)]
+    srv = start_server("--max-seqs", "16", "--kv-memory", "256K", "--max-queue", "64")
+    try:
+        small = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        with cf.ThreadPoolExecutor(16) as ex:
+            together = list(ex.map(lambda i: run(small, i), range(16)))
+        for i in range(16):
+            assert together[i] == alone[i], "request %d differs under KV pressure" % i
+        st, _, text = srv.request("GET", "/metrics")
+        pre = [l for l in text.splitlines() if l.startswith("vlmd_preemptions_total ")]
+        assert float(pre[0].split()[1]) > 0, "the pool was not small enough to force a preemption"
+    finally:
+        assert srv.stop() == 0

@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
+#include <math.h>
 #include <poll.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -338,7 +339,8 @@ static enum MHD_Result build_cmpl_prompt(conn_t *cx, vlmd_req *r) {
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)n);
     int i = 0;
     for (const cJSON *e = pr->child; e; e = e->next, i++) {
-        if (!cJSON_IsNumber(e) || e->valuedouble != (double)(int32_t)e->valuedouble) {
+        if (!cJSON_IsNumber(e) || !(e->valuedouble >= -2147483648.0 && e->valuedouble <= 2147483647.0) ||
+            e->valuedouble != floor(e->valuedouble)) {
             free(ids);
             return send_error(cx, VLMD_ERR_INVALID,
                               "'prompt' must be a string, one string in an array, or an array of token ids "
@@ -369,7 +371,7 @@ static enum MHD_Result do_generate(conn_t *cx) {
         }
     }
     if (!body) {
-        const char *ep = cJSON_GetErrorPtr();
+        const char *ep = end; /* cJSON sets it to the error position (its global error is not thread-safe) */
         size_t off = ep && cx->body && ep >= cx->body && ep <= cx->body + cx->len ? (size_t)(ep - cx->body) : 0;
         snprintf(err, sizeof err, "the request body is not valid JSON (near byte %zu)", off);
         return send_error(cx, VLMD_ERR_BAD_JSON, err, NULL);

@@ -124,6 +124,8 @@ CASES = [
     ("completions_missing_prompt", "POST", "/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("completions_prompt_number", "POST", "/v1/completions", {"prompt": 5}, 400, "prompt"),
     ("completions_token_out_of_range", "POST", "/v1/completions", {"prompt": [1, 999999999]}, 400, "prompt"),
+    ("completions_token_huge", "POST", "/v1/completions", b'{"prompt": [1e20, 5]}', 400, "prompt"),
+    ("completions_token_negative", "POST", "/v1/completions", {"prompt": [-1]}, 400, "prompt"),
     ("completions_prompt_batch", "POST", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("completions_suffix_with_ids", "POST", "/v1/completions", {"prompt": [1, 2], "suffix": "x"}, 400, "suffix"),
     ("completions_echo_logprobs", "POST", "/v1/completions", {"prompt": "a", "echo": True, "logprobs": 1}, 400, "echo"),

@@ -292,6 +292,125 @@ static void test_metrics(void) {
     vlmd_metrics_free(m);
 }
 
+
+/* Splits an SSE buffer into its data payloads; returns the count. */
+static int sse_events(const char *buf, char ev[][1024], int max) {
+    int n = 0;
+    const char *p = buf;
+    while (*p && n < max) {
+        const char *e = strstr(p, "\n\n");
+        if (!e) break;
+        CHECK(!strncmp(p, "data: ", 6));
+        size_t l = (size_t)(e - p - 6);
+        if (l >= 1024) l = 1023;
+        memcpy(ev[n], p + 6, l);
+        ev[n][l] = 0;
+        n++;
+        p = e + 2;
+    }
+    CHECK(*p == 0);
+    return n;
+}
+
+static void set_text(vlmd_choice *c, const char *t, size_t emit) {
+    free(c->text);
+    c->text = strdup(t);
+    c->len = strlen(t);
+    c->emit = emit;
+}
+
+static void test_sse_framing(void) {
+    vlmd_req *r = vlmd_req_new();
+    snprintf(r->id, sizeof r->id, "chatcmpl-1");
+    r->p.api = VLMD_API_CHAT;
+    r->p.include_usage = true;
+    r->n_prompt = 7;
+    r->n_ch = 2;
+    r->ch = calloc(2, sizeof *r->ch);
+    set_text(&r->ch[0], "Hello", 5);
+    r->ch[0].n_tokens = 2;
+    set_text(&r->ch[1], "Hi", 1); /* 'i' held back (could start a stop string) */
+    r->ch[1].n_tokens = 1;
+    vlmd_buf out = {0};
+    bool role = false;
+    CHECK(!vlmd_sse_collect(NULL, "m", r, &role, &out));
+    char ev[16][1024];
+    int n = sse_events(out.buf, ev, 16);
+    CHECK_EQ_INT(n, 4); /* two role chunks, two content chunks */
+    cJSON *o = cJSON_Parse(ev[0]);
+    const cJSON *ch0 = cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0);
+    CHECK(!strcmp(cJSON_GetObjectItem(cJSON_GetObjectItem(ch0, "delta"), "role")->valuestring, "assistant"));
+    CHECK(cJSON_IsNull(cJSON_GetObjectItem(ch0, "finish_reason")));
+    CHECK(cJSON_IsNull(cJSON_GetObjectItem(o, "usage")));
+    CHECK(!strcmp(cJSON_GetObjectItem(o, "object")->valuestring, "chat.completion.chunk"));
+    cJSON_Delete(o);
+    o = cJSON_Parse(ev[3]);
+    ch0 = cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0);
+    CHECK_EQ_INT(cJSON_GetObjectItem(ch0, "index")->valueint, 1);
+    CHECK(!strcmp(cJSON_GetObjectItem(cJSON_GetObjectItem(ch0, "delta"), "content")->valuestring, "H"));
+    cJSON_Delete(o);
+
+    /* Nothing new: nothing written. */
+    out.len = 0;
+    CHECK(!vlmd_sse_collect(NULL, "m", r, &role, &out));
+    CHECK_EQ_INT(out.len, 0);
+
+    /* Both finish: the rest of the text with the finish reason, usage, [DONE]. */
+    r->ch[0].done = true;
+    r->ch[0].finish = "length";
+    r->ch[1].emit = 2;
+    r->ch[1].done = true;
+    r->ch[1].finish = "stop";
+    r->finished = true;
+    out.len = 0;
+    CHECK(vlmd_sse_collect(NULL, "m", r, &role, &out));
+    n = sse_events(out.buf, ev, 16);
+    CHECK_EQ_INT(n, 4);
+    o = cJSON_Parse(ev[0]);
+    ch0 = cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0);
+    CHECK(!strcmp(cJSON_GetObjectItem(ch0, "finish_reason")->valuestring, "length"));
+    CHECK(cJSON_GetArraySize(cJSON_GetObjectItem(ch0, "delta")) == 0); /* {} */
+    cJSON_Delete(o);
+    o = cJSON_Parse(ev[1]);
+    ch0 = cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0);
+    CHECK(!strcmp(cJSON_GetObjectItem(cJSON_GetObjectItem(ch0, "delta"), "content")->valuestring, "i"));
+    CHECK(!strcmp(cJSON_GetObjectItem(ch0, "finish_reason")->valuestring, "stop"));
+    cJSON_Delete(o);
+    o = cJSON_Parse(ev[2]);
+    CHECK_EQ_INT(cJSON_GetArraySize(cJSON_GetObjectItem(o, "choices")), 0);
+    const cJSON *u = cJSON_GetObjectItem(o, "usage");
+    CHECK_EQ_INT(cJSON_GetObjectItem(u, "prompt_tokens")->valueint, 7);
+    CHECK_EQ_INT(cJSON_GetObjectItem(u, "completion_tokens")->valueint, 3);
+    CHECK_EQ_INT(cJSON_GetObjectItem(u, "total_tokens")->valueint, 10);
+    cJSON_Delete(o);
+    CHECK(!strcmp(ev[3], "[DONE]"));
+
+    /* The non-streaming body of the same request. */
+    char *j = vlmd_resp_json(NULL, "m", r);
+    o = cJSON_Parse(j);
+    CHECK(!strcmp(cJSON_GetObjectItem(o, "object")->valuestring, "chat.completion"));
+    const cJSON *chs = cJSON_GetObjectItem(o, "choices");
+    CHECK(!strcmp(cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetArrayItem(chs, 1), "message"), "content")->valuestring, "Hi"));
+    CHECK(!strcmp(cJSON_GetObjectItem(cJSON_GetArrayItem(chs, 0), "finish_reason")->valuestring, "length"));
+    CHECK(cJSON_IsNull(cJSON_GetObjectItem(cJSON_GetArrayItem(chs, 0), "logprobs")));
+    cJSON_Delete(o);
+    free(j);
+
+    /* Completions with echo: the prompt text leads the text. */
+    r->p.api = VLMD_API_COMPLETIONS;
+    r->p.echo = true;
+    r->echo_text = strdup("Say: ");
+    j = vlmd_resp_json(NULL, "m", r);
+    o = cJSON_Parse(j);
+    chs = cJSON_GetObjectItem(o, "choices");
+    CHECK(!strcmp(cJSON_GetObjectItem(o, "object")->valuestring, "text_completion"));
+    CHECK(!strcmp(cJSON_GetObjectItem(cJSON_GetArrayItem(chs, 0), "text")->valuestring, "Say: Hello"));
+    cJSON_Delete(o);
+    free(j);
+    free(out.buf);
+    vlmd_req_release(r);
+}
+
 int main(void) {
     RUN(test_error_table);
     RUN(test_stop_scan);
@@ -299,5 +418,6 @@ int main(void) {
     RUN(test_params);
     RUN(test_config);
     RUN(test_metrics);
+    RUN(test_sse_framing);
     TEST_MAIN_END("server");
 }

@@ -666,7 +666,9 @@ void vlmd_http_set_ready(vlmd_http *h, const vlmd_bundle *b, vlmd_sched *s, cons
     h->defaults.temperature = 1.0f;
     const vlm_gen_defaults *g = vlm_model_gen_defaults(b->model);
     if (g) {
-        if (g->temperature >= 0) h->defaults.temperature = g->temperature;
+        /* transformers samples only with do_sample; a config that sets a temperature but not
+         * do_sample means greedy there, so it means greedy here. */
+        if (g->temperature >= 0) h->defaults.temperature = g->do_sample ? g->temperature : 0.0f;
         if (g->top_p > 0) h->defaults.top_p = g->top_p;
         if (g->top_k > 0) h->defaults.top_k = g->top_k;
         if (g->min_p > 0) h->defaults.min_p = g->min_p;

@@ -310,7 +310,7 @@ def test_queue_full_is_429_with_retry_after():
 
         def one():
             results.append(srv.request("POST", "/v1/chat/completions",
-                                       chat(max_tokens=64, ignore_eos=True), timeout=120))
+                                       chat(max_tokens=24, ignore_eos=True), timeout=120))
 
         ts = [threading.Thread(target=one) for _ in range(8)]
         for t in ts:

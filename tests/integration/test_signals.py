@@ -40,6 +40,13 @@ def read_events(resp, first_content):
 
 def test_sigterm_drains_running_stream():
     srv = start_server("--max-seqs", "4", "--drain-timeout", "120")
+    try:
+        _sigterm_drains(srv)
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def _sigterm_drains(srv):
     conn, resp = open_stream(srv, 300)
     first = threading.Event()
     out = {}
@@ -73,6 +80,13 @@ def test_sigterm_drains_running_stream():
 
 def test_drain_timeout_cancels_and_exits_zero():
     srv = start_server("--max-seqs", "2", "--drain-timeout", "0.3")
+    try:
+        _drain_timeout(srv)
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def _drain_timeout(srv):
     ctx = int(srv.request("GET", "/v1/models")[2]["data"][0]["max_model_len"])
     conn, resp = open_stream(srv, ctx - 64)  # far more than can finish in the drain window
     first = threading.Event()

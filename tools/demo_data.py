@@ -150,7 +150,8 @@ SAMPLES = [  # (file name, n_shapes, forced shapes, question)
 ]
 
 
-def _answer(objs, q):
+def answer_for(objs, q):
+    """The expected answer to a canonical question about an image with these (shape, color) objects."""
     if q.startswith("What shape"):
         return objs[0][0]
     if q.startswith("How many"):
@@ -166,15 +167,14 @@ def write_samples(outdir):
     rng = random.Random("%d/samples" % SAMPLES_SEED)
     manifest = []
     for name, n, forced, q in SAMPLES:
-        while True:
-            w = rng.randint(160, 256)   # small files, still well inside the 64..512 task range
+        while True:  # redraw until the picture is small (tiny files) and, for red_circle.png, a red circle
             img, objs = make_image(rng, n_shapes=n, force_shapes=forced)
             if name == "red_circle.png" and objs[0] != ("circle", "red"):
                 continue
-            if max(img.size) <= 320 or w < 0:
+            if max(img.size) <= 320:
                 break
         img.save(os.path.join(outdir, name), optimize=True)
-        manifest.append({"file": name, "question": q, "answer": _answer(objs, q), "shapes": objs})
+        manifest.append({"file": name, "question": q, "answer": answer_for(objs, q), "shapes": objs})
     with open(os.path.join(outdir, "answers.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest

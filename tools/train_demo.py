@@ -200,30 +200,38 @@ def write_checkpoint(model, proc, out):
     print("checkpoint %s: %.2f MB" % (out, total / 1e6), flush=True)
 
 
+class Reference:
+    """The checkpoint as transformers runs it (f32 compute from the stored bf16 weights, greedy)."""
+
+    def __init__(self, ckpt):
+        from transformers import AutoImageProcessor
+        self.proc = Proc(ckpt, AutoImageProcessor.from_pretrained(ckpt, use_fast=False))
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+    def answer(self, img, q, text_first):
+        inputs = self.proc.encode([(img, q, None, None, text_first)], False)
+        with torch.no_grad():
+            g = self.model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        return self.proc.tokenizer.decode(g[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def evaluate(ckpt, n, seed, threads):
     """Greedy generate with transformers on n fresh images per kind; returns {kind: accuracy}."""
-    from transformers import AutoImageProcessor
     torch.set_num_threads(threads)
-    proc = Proc(ckpt, AutoImageProcessor.from_pretrained(ckpt, use_fast=False))
-    print("eval image processor:", type(proc.image_processor).__name__, flush=True)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ref = Reference(ckpt)
+    print("eval image processor:", type(ref.proc.image_processor).__name__, flush=True)
     res = {}
+    t0 = time.time()
     for kind in dd.KINDS:
-        samples = dd.sample_stream(seed, kind, n)
-        ok = 0
-        bad = []
-        for s in samples:
-            img, q, a, _k, tf = s
-            inputs = proc.encode([s], False)
-            with torch.no_grad():
-                g = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-            txt = proc.tokenizer.decode(g[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            if txt == a:
-                ok += 1
-            elif len(bad) < 5:
+        ok, bad = 0, []
+        for img, q, a, _k, tf in dd.sample_stream(seed, kind, n):
+            txt = ref.answer(img, q, tf)
+            ok += txt == a
+            if txt != a and len(bad) < 5:
                 bad.append((q, a, txt))
         res[kind] = ok / n
         print("eval %s: %d/%d = %.4f  (first errors: %s)" % (kind, ok, n, ok / n, bad), flush=True)
+    print("eval time %.1f s" % (time.time() - t0), flush=True)
     return res
 
 

@@ -193,6 +193,14 @@ def write_checkpoint(model, proc, out):
     model.config.torch_dtype = "bfloat16"
     model.save_pretrained(out, safe_serialization=True)
     proc.image_processor.save_pretrained(out)
+    # transformers 5.24 writes only size{shortest_edge,longest_edge}; older readers (and released Qwen2-VL
+    # checkpoints) use min_pixels/max_pixels, so write both spellings with the same values.
+    pp = os.path.join(out, "preprocessor_config.json")
+    with open(pp) as f:
+        pc = json.load(f)
+    pc["min_pixels"], pc["max_pixels"] = MIN_PIXELS, MAX_PIXELS
+    with open(pp, "w") as f:
+        json.dump(pc, f, indent=2)
     write_tokenizer_files(out)
     GenerationConfig(do_sample=False, temperature=None, top_p=None, top_k=None, bos_token_id=151643,
                      eos_token_id=[151645, 151643], pad_token_id=151643).save_pretrained(out)

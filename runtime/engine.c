@@ -54,6 +54,10 @@ struct vlm_engine {
     int preempted_total;
     /* work buffers for max_batch_tokens rows */
     float *x, *a, *q, *k, *v, *att, *g, *u, *logits;
+    /* logits of the last sequence that finished with want_logits: its final step's logits stay
+     * readable through vlm_engine_logits after the sequence itself is gone */
+    uint64_t done_id;
+    float *done_logits;
     int32_t *row_seq;            /* index into step's scheduled list */
     int64_t *row_idx;            /* token index within its sequence */
 };
@@ -121,7 +125,7 @@ void vlm_engine_free(vlm_engine *e) {
     free(e->seqs);
     free(e->k_pool); free(e->v_pool); free(e->free_pages);
     free(e->x); free(e->a); free(e->q); free(e->k); free(e->v); free(e->att); free(e->g); free(e->u);
-    free(e->logits); free(e->row_seq); free(e->row_idx);
+    free(e->logits); free(e->row_seq); free(e->row_idx); free(e->done_logits);
     free(e);
 }
 
@@ -235,7 +239,8 @@ int vlm_engine_active(const vlm_engine *e) { return e->n_seqs; }
 
 const float *vlm_engine_logits(const vlm_engine *e, uint64_t id) {
     seq *s = find_seq(e, id);
-    return s && s->want_logits && s->has_logits ? s->logits : NULL;
+    if (!s) return e->done_logits && e->done_id == id ? e->done_logits : NULL;
+    return s->want_logits && s->has_logits ? s->logits : NULL;
 }
 
 void vlm_engine_get_stats(const vlm_engine *e, vlm_engine_stats *st) {
@@ -558,6 +563,13 @@ int vlm_engine_step(vlm_engine *e, vlm_token_event *ev, int max_events) {
         seq *s = e->seqs[i];
         bool done = false;
         for (int k = 0; k < n_ev; k++) if (ev[k].seq_id == s->id && ev[k].finish != VLM_FINISH_NONE) done = true;
+        if (done && s->want_logits && s->has_logits) {
+            /* swap buffers rather than copy: the sequence is freed next */
+            free(e->done_logits);
+            e->done_logits = s->logits;
+            e->done_id = s->id;
+            s->logits = NULL;
+        }
         if (done) remove_seq(e, i);
         else i++;
     }

@@ -199,11 +199,13 @@ static vlm_status fetch_image(const char *url, const vlmd_prompt_limits *lim, ui
                     lim->fetch ? " or http(s)://" : "");
 }
 
-/* Reads an optional positive integer field of an image part; 0 when absent. */
-static vlm_status opt_pixels(const cJSON *obj, const char *key, int64_t *out, char *err,
-                             size_t errlen) {
+/* Reads an optional positive integer field of an image part; 0 when absent. The key may sit in the
+ * image_url object (vLLM style) or on the part itself (qwen-vl-utils style). */
+static vlm_status opt_pixels(const cJSON *obj, const cJSON *part, const char *key, int64_t *out,
+                             char *err, size_t errlen) {
     *out = 0;
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+    if (!v) v = cJSON_GetObjectItemCaseSensitive(part, key);
     if (!v || cJSON_IsNull(v)) return VLM_OK;
     if (!cJSON_IsNumber(v) || !(v->valuedouble >= 1 && v->valuedouble <= 1e12) ||
         v->valuedouble != (double)(int64_t)v->valuedouble)
@@ -258,13 +260,14 @@ static vlm_status add_image(const vlmd_bundle *b, const cJSON *part, const vlmd_
     /* Pixel budget: the model's preprocessor values, narrowed by `detail`, the part's own
      * min/max_pixels and the server's per-image token cap (never widened past the cap). */
     int64_t minp = 0, maxp = 0;
-    vlm_status st = opt_pixels(opts, "min_pixels", &minp, err, errlen);
-    if (st == VLM_OK) st = opt_pixels(opts, "max_pixels", &maxp, err, errlen);
+    vlm_status st = opt_pixels(opts, part, "min_pixels", &minp, err, errlen);
+    if (st == VLM_OK) st = opt_pixels(opts, part, "max_pixels", &maxp, err, errlen);
     if (st != VLM_OK) {
         set_param(param, paramlen, "%s.image_url", where);
         return st;
     }
     const cJSON *detail = cJSON_GetObjectItemCaseSensitive(opts, "detail");
+    if (!detail) detail = cJSON_GetObjectItemCaseSensitive(part, "detail");
     if (detail && !cJSON_IsNull(detail)) {
         if (!cJSON_IsString(detail) || (strcmp(detail->valuestring, "low") &&
                                         strcmp(detail->valuestring, "high") &&

@@ -32,27 +32,6 @@ static void usage(FILE *f) {
             "  --threads N          compute threads (default: all cores)\n");
 }
 
-/* .npy v1.0 writer for a float32 [rows, cols] array (little-endian, C order). */
-static int write_npy_f32(const char *path, const float *data, int64_t rows, int64_t cols) {
-    FILE *f = fopen(path, "wb");
-    if (!f) return -1;
-    char hdr[256];
-    int n = snprintf(hdr, sizeof hdr, "{'descr': '<f4', 'fortran_order': False, 'shape': (%lld, %lld), }",
-                     (long long)rows, (long long)cols);
-    int total = 10 + n + 1;
-    int pad = (64 - total % 64) % 64;
-    unsigned short hlen = (unsigned short)(n + pad + 1);
-    fwrite("\x93NUMPY\x01\x00", 1, 8, f);
-    unsigned char le[2] = {(unsigned char)(hlen & 0xff), (unsigned char)(hlen >> 8)};
-    fwrite(le, 1, 2, f);
-    fwrite(hdr, 1, (size_t)n, f);
-    for (int i = 0; i < pad; i++) fputc(' ', f);
-    fputc('\n', f);
-    size_t cnt = (size_t)(rows * cols);
-    int ok = fwrite(data, sizeof(float), cnt, f) == cnt;
-    return (fclose(f) == 0 && ok) ? 0 : -1;
-}
-
 static char *read_file(const char *path, size_t *n) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
@@ -324,8 +303,8 @@ int vlmd_cmd_generate(int argc, char **argv) {
         free(s);
         cJSON_Delete(o);
     }
-    if (dump && write_npy_f32(dump, logits_all, n_out, vocab) != 0) {
-        fprintf(stderr, "vlmd generate: cannot write %s\n", dump);
+    if (dump && vlm_npy_write_f32(dump, logits_all, n_out, vocab, err, sizeof err) != VLM_OK) {
+        fprintf(stderr, "vlmd generate: %s\n", err);
         goto out;
     }
     rc = fin == VLM_FINISH_ERROR ? 1 : 0;

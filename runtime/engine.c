@@ -11,10 +11,20 @@
  *
  * Preemption: when a sequence needs a page and none is free, the newest sequence holding pages (newer
  * than the one asking) loses all of them; its tokens so far are kept and recomputed when it is
- * scheduled again, so the output is unchanged. Decoder math follows SPEC §B/§C exactly in f32. */
+ * scheduled again, so the output is unchanged. Decoder math follows SPEC §B/§C exactly in f32.
+ *
+ * Backends and tensor parallelism: the layer loop (rank_forward) is written against the backend
+ * operation table of backend.h and runs once per rank on that rank's weight shard: q/k/v/gate/up
+ * column-parallel, o/down row-parallel followed by an all-reduce, embedding and LM head
+ * vocab-parallel. With one rank it runs on the calling thread; with N ranks each rank has its own
+ * thread (created here, kept for the engine's life) and the engine thread only schedules, prepares
+ * the step's host metadata (ids, positions, KV slots, page tables), releases the ranks and waits. */
+#include "runtime/backend.h"
 #include "runtime/rt_internal.h"
 
 #include <math.h>
+#include <omp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,20 +50,63 @@ typedef struct seq {
     bool has_logits;
 } seq;
 
+/* One rank's shard of the decoder and its working state. */
+typedef struct {
+    vlm_tensor in_norm, post_norm, q, k, v, qb, kb, vb, o, gate, up, down;
+} rank_layer;
+
+typedef struct rank {
+    struct vlm_engine *e;
+    int idx;
+    vlm_backend *b;
+    int64_t nh, nkv, kvd, F;   /* local query heads, KV heads, KV width, FFN width */
+    int64_t q_head0, kv_head0; /* first global query / KV head of this rank */
+    int64_t v0, vl;            /* vocab slice [v0, v0 + vl) of embedding and LM head */
+    vlm_tensor embed, lm_head, final_norm;
+    bool lm_is_embed;          /* tied: lm_head is the embedding shard */
+    rank_layer *L;
+    vlm_kv_pool *kv;
+    float *x, *a, *q, *k, *v, *att, *g, *u, *lg, *cs, *sn; /* backend memory */
+    int64_t copied_bytes;      /* weight bytes this rank copied into its own memory */
+    vlm_status st;
+    char err[512];
+    pthread_t th;
+    bool th_started;
+} rank;
+
 struct vlm_engine {
     vlm_model *m;
     vlm_engine_opts o;
-    int64_t kvd;                 /* n_kv_heads * head_dim */
+    int tp;
     int64_t n_pages;
-    float *k_pool, *v_pool;
     int32_t *free_pages;
     int64_t n_free;
     seq **seqs;                  /* in arrival order */
     int n_seqs, cap_seqs;
     uint64_t next_id;
     int preempted_total;
-    /* work buffers for max_batch_tokens rows */
-    float *x, *a, *q, *k, *v, *att, *g, *u, *logits;
+    /* memory plan, per rank */
+    int64_t weight_bytes_rank, kv_token_bytes_rank, page_bytes_rank, work_bytes_rank;
+    /* ranks: N backends; with N > 1 N threads, a communicator and start/finish barriers */
+    rank *ranks;
+    vlm_cpu_comm *comm;
+    unsigned char cuda_id[VLM_CUDA_COMM_ID_BYTES];
+    int omp_per_rank;
+    pthread_barrier_t go, done;
+    bool barriers, quit;
+    /* the step's host metadata, read by every rank during rank_forward */
+    int64_t R;
+    int32_t *row_ids;            /* [R] token id, -1 for image rows */
+    int64_t *row_slot;           /* [R] KV slot (page * page_tokens + offset) */
+    float *h_cs, *h_sn;          /* [R, head_dim / 2] */
+    int64_t n_img;
+    int64_t *img_rows;           /* rows whose input is an image embedding */
+    const float **img_src;       /* [n_img] host rows of hidden floats */
+    vlm_attn_seq *aseq;
+    int n_aseq;
+    int64_t *sample_rows;
+    int64_t n_sample;
+    float *logits;               /* [max_seqs, vocab] host, gathered from all ranks */
     /* logits of the last sequence that finished with want_logits: its final step's logits stay
      * readable through vlm_engine_logits after the sequence itself is gone */
     uint64_t done_id;
@@ -68,65 +121,340 @@ static void seq_free(seq *s) {
     free(s);
 }
 
+static void rank_forward(rank *rk);
+
+const char *vlm_backend_name(vlm_backend_kind k) { return k == VLM_BACKEND_CUDA ? "cuda" : "cpu"; }
+
+/* Loads one weight shard and adds its size to the plan. */
+static vlm_status shard(rank *rk, const vlm_tensor *src, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                        vlm_tensor *out) {
+    size_t copied = 0;
+    vlm_status st = rk->b->ops->weight_load(rk->b, src, r0, nr, c0, nc, out, &copied, rk->err, sizeof rk->err);
+    rk->copied_bytes += (int64_t)copied;
+    return st;
+}
+
+static void rank_release(rank *rk) {
+    vlm_backend *b = rk->b;
+    if (!b) return;
+    const vlm_backend_ops *op = b->ops;
+    float **bufs[] = {&rk->x, &rk->a, &rk->q, &rk->k, &rk->v, &rk->att, &rk->g, &rk->u, &rk->lg, &rk->cs, &rk->sn};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
+        if (*bufs[i]) { op->release(b, *bufs[i]); *bufs[i] = NULL; }
+    op->kv_free(b, rk->kv);
+    rk->kv = NULL;
+    if (rk->L) {
+        for (int l = 0; l < rk->e->m->cfg.n_layers; l++) {
+            vlm_tensor *t = &rk->L[l].in_norm;
+            for (int j = 0; j < 12; j++) if (t[j].data) op->weight_free(b, &t[j]);
+        }
+        free(rk->L);
+        rk->L = NULL;
+    }
+    if (rk->lm_is_embed) memset(&rk->lm_head, 0, sizeof rk->lm_head);
+    if (rk->lm_head.data) op->weight_free(b, &rk->lm_head);
+    if (rk->embed.data) op->weight_free(b, &rk->embed);
+    if (rk->final_norm.data) op->weight_free(b, &rk->final_norm);
+    op->destroy(b);
+    rk->b = NULL;
+}
+
+/* Creates this rank's backend, cuts its weight shards from the model, and allocates its KV pool and
+ * work buffers after checking the memory plan against what the backend can hold. Runs on the rank's
+ * own thread (N > 1) or on the engine thread (N == 1). */
+static vlm_status rank_init(rank *rk) {
+    vlm_engine *e = rk->e;
+    const vlm_model *m = e->m;
+    const vlm_model_config *c = &m->cfg;
+    const int N = e->tp, r = rk->idx;
+    char *err = rk->err;
+    size_t el = sizeof rk->err;
+    if (N > 1 && e->o.backend == VLM_BACKEND_CPU) omp_set_num_threads(e->omp_per_rank);
+    if (e->o.backend == VLM_BACKEND_CUDA) {
+        int dev = e->o.n_gpus > 0 ? e->o.gpus[r] : r;
+        vlm_status st = vlm_backend_cuda_create(dev, r, N, e->cuda_id, &rk->b, err, el);
+        if (st) return st;
+    } else {
+        rk->b = vlm_backend_cpu_create(e->comm, r, N);
+        if (!rk->b) return vlm_errf(err, el, VLM_E_NOMEM, "rank %d: out of memory", r);
+    }
+    const vlm_backend_ops *op = rk->b->ops;
+    int64_t H = c->hidden, hd = c->head_dim, R = e->o.max_batch_tokens;
+    int64_t pool_bytes = e->n_pages * e->page_bytes_rank;
+    int64_t need = e->weight_bytes_rank + pool_bytes + e->work_bytes_rank;
+    int64_t cap = op->mem_capacity(rk->b);
+    /* CPU ranks share the host's memory; each may count on its share of it */
+    if (e->o.backend == VLM_BACKEND_CPU) cap /= N;
+    if (need > cap)
+        return vlm_errf(err, el, VLM_E_LIMIT,
+                        "rank %d (%s): weights %lld B + KV pool %lld pages x %lld B (%lld B) + work buffers %lld B "
+                        "= %lld B exceeds the %lld B this rank can use; lower --kv-memory, --max-batch-tokens or "
+                        "raise --tp",
+                        r, op->name, (long long)e->weight_bytes_rank, (long long)e->n_pages,
+                        (long long)e->page_bytes_rank, (long long)pool_bytes, (long long)e->work_bytes_rank,
+                        (long long)need, (long long)cap);
+    /* ---- weight shards ---- */
+    rk->L = calloc((size_t)c->n_layers, sizeof *rk->L);
+    if (!rk->L) return vlm_errf(err, el, VLM_E_NOMEM, "out of memory");
+    int64_t q0 = rk->q_head0 * hd, nq = rk->nh * hd, k0 = rk->kv_head0 * hd, nk = rk->kvd;
+    int64_t f0 = (int64_t)r * rk->F, nf = rk->F;
+    vlm_status st = shard(rk, m->w.embed, rk->v0, rk->vl, 0, H, &rk->embed);
+    if (!st) st = shard(rk, m->w.final_norm, 0, H, 0, 1, &rk->final_norm);
+    if (!st) {
+        if (m->w.lm_head == m->w.embed) { rk->lm_head = rk->embed; rk->lm_is_embed = true; }
+        else st = shard(rk, m->w.lm_head, rk->v0, rk->vl, 0, H, &rk->lm_head);
+    }
+    for (int l = 0; l < c->n_layers && !st; l++) {
+        const struct vlm_layer *w = &m->w.layers[l];
+        rank_layer *o = &rk->L[l];
+        if (!st) st = shard(rk, w->in_norm, 0, H, 0, 1, &o->in_norm);
+        if (!st) st = shard(rk, w->post_norm, 0, H, 0, 1, &o->post_norm);
+        if (!st) st = shard(rk, w->q, q0, nq, 0, H, &o->q);        /* column-parallel: row blocks */
+        if (!st) st = shard(rk, w->qb, q0, nq, 0, 1, &o->qb);
+        if (!st) st = shard(rk, w->k, k0, nk, 0, H, &o->k);
+        if (!st) st = shard(rk, w->kb, k0, nk, 0, 1, &o->kb);
+        if (!st) st = shard(rk, w->v, k0, nk, 0, H, &o->v);
+        if (!st) st = shard(rk, w->vb, k0, nk, 0, 1, &o->vb);
+        if (!st) st = shard(rk, w->o, 0, H, q0, nq, &o->o);        /* row-parallel: column blocks */
+        if (!st) st = shard(rk, w->gate, f0, nf, 0, H, &o->gate);
+        if (!st) st = shard(rk, w->up, f0, nf, 0, H, &o->up);
+        if (!st) st = shard(rk, w->down, 0, H, f0, nf, &o->down);
+    }
+    if (st) return st;
+    /* ---- KV pool and work buffers ---- */
+    rk->kv = op->kv_create(rk->b, c->n_layers, e->n_pages, e->o.page_tokens, rk->kvd);
+    if (!rk->kv)
+        return vlm_errf(err, el, VLM_E_NOMEM, "rank %d: cannot allocate the KV pool (%lld pages, %lld B)", r,
+                        (long long)e->n_pages, (long long)pool_bytes);
+    int64_t Q = rk->nh * hd, half = hd / 2;
+    struct { float **p; int64_t n; } want[] = {
+        {&rk->x, R * H}, {&rk->a, R * H}, {&rk->q, R * Q}, {&rk->k, R * rk->kvd}, {&rk->v, R * rk->kvd},
+        {&rk->att, R * Q}, {&rk->g, R * rk->F}, {&rk->u, R * rk->F}, {&rk->lg, (int64_t)e->o.max_seqs * rk->vl},
+        {&rk->cs, R * half}, {&rk->sn, R * half}};
+    for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
+        *want[i].p = op->alloc(rk->b, (size_t)want[i].n * sizeof(float));
+        if (!*want[i].p) return vlm_errf(err, el, VLM_E_NOMEM, "rank %d: out of memory for work buffers", r);
+    }
+    return VLM_OK;
+}
+
+static void *rank_main(void *arg) {
+    rank *rk = arg;
+    vlm_engine *e = rk->e;
+    rk->st = rank_init(rk);
+    pthread_barrier_wait(&e->done); /* init finished (ok or not) */
+    for (;;) {
+        pthread_barrier_wait(&e->go);
+        if (e->quit) break;
+        rank_forward(rk);
+        pthread_barrier_wait(&e->done);
+    }
+    rank_release(rk);
+    return NULL;
+}
+
+/* Stops the rank threads (N > 1) or releases rank 0 (N == 1). */
+static void stop_ranks(vlm_engine *e) {
+    if (!e->ranks) return;
+    if (e->barriers) {
+        e->quit = true;
+        pthread_barrier_wait(&e->go);
+        for (int r = 0; r < e->tp; r++)
+            if (e->ranks[r].th_started) pthread_join(e->ranks[r].th, NULL);
+        pthread_barrier_destroy(&e->go);
+        pthread_barrier_destroy(&e->done);
+        e->barriers = false;
+    } else {
+        rank_release(&e->ranks[0]);
+    }
+    free(e->ranks);
+    e->ranks = NULL;
+}
+
+/* Checks that the heads, FFN and vocabulary split evenly over N ranks (docs/runtime.md). */
+static vlm_status check_split(const vlm_model_config *c, int N, char *err, size_t errlen) {
+    if (c->n_heads % N)
+        return vlm_errf(err, errlen, VLM_E_UNSUPPORTED, "--tp %d: n_heads (%d) is not divisible by %d", N, c->n_heads, N);
+    if (c->n_kv_heads % N && N % c->n_kv_heads)
+        return vlm_errf(err, errlen, VLM_E_UNSUPPORTED,
+                        "--tp %d: n_kv_heads (%d) must divide by %d or divide %d (KV heads are split or replicated)",
+                        N, c->n_kv_heads, N, N);
+    if (c->intermediate % N)
+        return vlm_errf(err, errlen, VLM_E_UNSUPPORTED, "--tp %d: intermediate size (%d) is not divisible by %d", N,
+                        c->intermediate, N);
+    if (c->vocab < N)
+        return vlm_errf(err, errlen, VLM_E_UNSUPPORTED, "--tp %d: vocabulary (%d) smaller than the ranks", N, c->vocab);
+    return VLM_OK;
+}
+
 vlm_status vlm_engine_create(vlm_model *m, const vlm_engine_opts *opts, vlm_engine **out, char *err, size_t errlen) {
     *out = NULL;
+    const vlm_model_config *c = &m->cfg;
+    vlm_engine_opts o = {0};
+    if (opts) o = *opts;
+    int N = o.tp > 0 ? o.tp : 1;
+    if (N > VLM_MAX_TP) return vlm_errf(err, errlen, VLM_E_INVALID, "--tp %d: at most %d ranks", N, VLM_MAX_TP);
+    vlm_status st = check_split(c, N, err, errlen);
+    if (st) return st;
+    if (o.backend == VLM_BACKEND_CUDA) {
+        if (!vlm_backend_cuda_create || !vlm_backend_cuda_device_count || !vlm_backend_cuda_comm_id)
+            return vlm_errf(err, errlen, VLM_E_UNSUPPORTED,
+                            "--backend cuda: this vlmd was built without the CUDA backend (rebuild with make CUDA=1)");
+        int nd = vlm_backend_cuda_device_count();
+        if (nd <= 0) return vlm_errf(err, errlen, VLM_E_UNSUPPORTED, "--backend cuda: no CUDA GPU found");
+        if (o.n_gpus > 0 && o.n_gpus != N)
+            return vlm_errf(err, errlen, VLM_E_INVALID, "--gpus lists %d devices but --tp is %d", o.n_gpus, N);
+        for (int r = 0; r < N; r++) {
+            int dev = o.n_gpus > 0 ? o.gpus[r] : r;
+            if (dev < 0 || dev >= nd)
+                return vlm_errf(err, errlen, VLM_E_INVALID, "--backend cuda: GPU %d does not exist (%d visible)", dev, nd);
+        }
+    } else if (o.backend != VLM_BACKEND_CPU) {
+        return vlm_errf(err, errlen, VLM_E_INVALID, "unknown backend %d", (int)o.backend);
+    } else if (o.n_gpus > 0) {
+        return vlm_errf(err, errlen, VLM_E_INVALID, "--gpus needs --backend cuda");
+    }
     vlm_engine *e = calloc(1, sizeof *e);
     if (!e) return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory");
     e->m = m;
-    if (opts) e->o = *opts;
-    const vlm_model_config *c = &m->cfg;
+    e->o = o;
+    e->tp = N;
     if (e->o.page_tokens <= 0) e->o.page_tokens = 16;
     if (e->o.max_seqs <= 0) e->o.max_seqs = 16;
     if (e->o.max_batch_tokens <= 0) e->o.max_batch_tokens = 512;
     if (e->o.max_batch_tokens < e->o.max_seqs) e->o.max_batch_tokens = e->o.max_seqs;
     if (e->o.threads > 0) vlm_cpu_init(e->o.threads);
-    e->kvd = (int64_t)c->n_kv_heads * c->head_dim;
-    int64_t page_bytes = 2 * (int64_t)c->n_layers * e->o.page_tokens * e->kvd * (int64_t)sizeof(float);
-    /* default pool: 8192 tokens of f32 K/V (56 KiB/token for the 2B shape -> 448 MiB) */
-    if (e->o.kv_memory_bytes <= 0) e->o.kv_memory_bytes = page_bytes * ((8192 + e->o.page_tokens - 1) / e->o.page_tokens);
-    e->n_pages = e->o.kv_memory_bytes / page_bytes;
-    if (e->n_pages < 1) {
-        free(e);
-        return vlm_errf(err, errlen, VLM_E_LIMIT, "kv_memory_bytes %lld is less than one KV page (%lld bytes)",
-                        (long long)opts->kv_memory_bytes, (long long)page_bytes);
+    /* OpenMP threads per CPU rank: the rank threads are not OpenMP threads, so each starts its own
+     * team; splitting the threads keeps N ranks from oversubscribing the cores. */
+    e->omp_per_rank = vlm_cpu_threads() / N > 0 ? vlm_cpu_threads() / N : 1;
+    /* ---- shard geometry and the memory plan (identical for every rank) ---- */
+    e->ranks = calloc((size_t)N, sizeof *e->ranks);
+    if (!e->ranks) { free(e); return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory"); }
+    int64_t hd = c->head_dim, H = c->hidden, V = c->vocab, L = c->n_layers;
+    int64_t nh = c->n_heads / N, nkv = c->n_kv_heads >= N ? c->n_kv_heads / N : 1, F = c->intermediate / N;
+    int64_t vl_max = (V + N - 1) / N;
+    for (int r = 0; r < N; r++) {
+        rank *rk = &e->ranks[r];
+        rk->e = e;
+        rk->idx = r;
+        rk->nh = nh;
+        rk->nkv = nkv;
+        rk->kvd = nkv * hd;
+        rk->F = F;
+        rk->q_head0 = (int64_t)r * nh;
+        /* KV heads split when n_kv_heads >= N; otherwise each rank keeps the one its query heads use */
+        rk->kv_head0 = c->n_kv_heads >= N ? (int64_t)r * nkv : rk->q_head0 / (c->n_heads / c->n_kv_heads);
+        rk->v0 = (int64_t)r * vl_max;
+        rk->vl = V - rk->v0 < vl_max ? V - rk->v0 : vl_max;
     }
-    size_t pool = (size_t)(e->n_pages * page_bytes / 2);
-    e->k_pool = malloc(pool);
-    e->v_pool = malloc(pool);
+    size_t wes = vlm_dtype_size(m->w.layers[0].q->dtype);
+    int64_t per_layer = 2 * H                                      /* norms */
+                        + (nh * hd + 2 * nkv * hd) * (H + 1)       /* q, k, v + biases */
+                        + H * nh * hd                              /* o */
+                        + 3 * F * H;                               /* gate, up, down */
+    e->weight_bytes_rank = (int64_t)wes * (L * per_layer + H + vl_max * H * (m->w.lm_head == m->w.embed ? 1 : 2));
+    e->kv_token_bytes_rank = 2 * L * nkv * hd * (int64_t)sizeof(float);
+    e->page_bytes_rank = e->kv_token_bytes_rank * e->o.page_tokens;
+    int64_t R = e->o.max_batch_tokens;
+    e->work_bytes_rank = (int64_t)sizeof(float) *
+                         (R * (2 * H + 2 * nh * hd + 2 * nkv * hd + 2 * F + hd) + (int64_t)e->o.max_seqs * vl_max);
+    /* default pool: 8192 tokens of f32 K/V per rank (56 KiB/token for the 2B shape at tp 1 -> 448 MiB) */
+    if (e->o.kv_memory_bytes <= 0)
+        e->o.kv_memory_bytes = e->page_bytes_rank * ((8192 + e->o.page_tokens - 1) / e->o.page_tokens);
+    e->n_pages = e->o.kv_memory_bytes / e->page_bytes_rank;
+    if (e->n_pages < 1) {
+        st = vlm_errf(err, errlen, VLM_E_LIMIT,
+                      "kv_memory_bytes %lld is less than one KV page per rank (%lld bytes = %d tokens x %lld B/token "
+                      "at tp %d)",
+                      (long long)e->o.kv_memory_bytes, (long long)e->page_bytes_rank, e->o.page_tokens,
+                      (long long)e->kv_token_bytes_rank, N);
+        free(e->ranks);
+        free(e);
+        return st;
+    }
+    /* ---- host state ---- */
     e->free_pages = malloc((size_t)e->n_pages * sizeof *e->free_pages);
-    int64_t R = e->o.max_batch_tokens, H = c->hidden, Q = (int64_t)c->n_heads * c->head_dim, F = c->intermediate;
-    e->x = malloc((size_t)(R * H) * sizeof(float));
-    e->a = malloc((size_t)(R * (H > Q ? H : Q)) * sizeof(float));
-    e->q = malloc((size_t)(R * Q) * sizeof(float));
-    e->k = malloc((size_t)(R * e->kvd) * sizeof(float));
-    e->v = malloc((size_t)(R * e->kvd) * sizeof(float));
-    e->att = malloc((size_t)(R * Q) * sizeof(float));
-    e->g = malloc((size_t)(R * F) * sizeof(float));
-    e->u = malloc((size_t)(R * F) * sizeof(float));
-    e->logits = malloc((size_t)e->o.max_seqs * (size_t)c->vocab * sizeof(float));
+    e->logits = malloc((size_t)e->o.max_seqs * (size_t)V * sizeof(float));
     e->row_seq = malloc((size_t)R * sizeof *e->row_seq);
     e->row_idx = malloc((size_t)R * sizeof *e->row_idx);
-    if (!e->k_pool || !e->v_pool || !e->free_pages || !e->x || !e->a || !e->q || !e->k || !e->v || !e->att ||
-        !e->g || !e->u || !e->logits || !e->row_seq || !e->row_idx) {
+    e->row_ids = malloc((size_t)R * sizeof *e->row_ids);
+    e->row_slot = malloc((size_t)R * sizeof *e->row_slot);
+    e->h_cs = malloc((size_t)(R * (hd / 2)) * sizeof(float) + 1);
+    e->h_sn = malloc((size_t)(R * (hd / 2)) * sizeof(float) + 1);
+    e->img_rows = malloc((size_t)R * sizeof *e->img_rows);
+    e->img_src = malloc((size_t)R * sizeof *e->img_src);
+    e->aseq = malloc((size_t)e->o.max_seqs * sizeof *e->aseq);
+    e->sample_rows = malloc((size_t)e->o.max_seqs * sizeof *e->sample_rows);
+    if (!e->free_pages || !e->logits || !e->row_seq || !e->row_idx || !e->row_ids || !e->row_slot || !e->h_cs ||
+        !e->h_sn || !e->img_rows || !e->img_src || !e->aseq || !e->sample_rows) {
         vlm_engine_free(e);
-        return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory for the engine (KV pool %lld bytes)",
-                        (long long)(2 * pool));
+        return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory for the engine");
     }
     for (int64_t i = 0; i < e->n_pages; i++) e->free_pages[i] = (int32_t)(e->n_pages - 1 - i);
     e->n_free = e->n_pages;
     e->next_id = 1;
+    /* ---- ranks ---- */
+    if (o.backend == VLM_BACKEND_CUDA) {
+        st = vlm_backend_cuda_comm_id(e->cuda_id, err, errlen);
+        if (st) { vlm_engine_free(e); return st; }
+    }
+    if (N == 1) {
+        st = rank_init(&e->ranks[0]);
+        if (st) {
+            snprintf(err, errlen, "%s", e->ranks[0].err);
+            vlm_engine_free(e);
+            return st;
+        }
+        *out = e;
+        return VLM_OK;
+    }
+    if (o.backend == VLM_BACKEND_CPU && !(e->comm = vlm_cpu_comm_create(N))) {
+        vlm_engine_free(e);
+        return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory");
+    }
+    if (pthread_barrier_init(&e->go, NULL, (unsigned)N + 1) || pthread_barrier_init(&e->done, NULL, (unsigned)N + 1)) {
+        vlm_engine_free(e);
+        return vlm_errf(err, errlen, VLM_E_INTERNAL, "cannot create the rank barriers");
+    }
+    e->barriers = true;
+    for (int r = 0; r < N; r++) {
+        if (pthread_create(&e->ranks[r].th, NULL, rank_main, &e->ranks[r]) != 0)
+            VLM_ASSERT(!"cannot start a rank thread"); /* partially started barriers cannot be unwound */
+        e->ranks[r].th_started = true;
+    }
+    pthread_barrier_wait(&e->done);
+    for (int r = 0; r < N; r++)
+        if (e->ranks[r].st) {
+            st = e->ranks[r].st;
+            snprintf(err, errlen, "%s", e->ranks[r].err);
+            vlm_engine_free(e);
+            return st;
+        }
     *out = e;
     return VLM_OK;
 }
 
 void vlm_engine_free(vlm_engine *e) {
     if (!e) return;
+    stop_ranks(e);
+    vlm_cpu_comm_free(e->comm);
     for (int i = 0; i < e->n_seqs; i++) seq_free(e->seqs[i]);
     free(e->seqs);
-    free(e->k_pool); free(e->v_pool); free(e->free_pages);
-    free(e->x); free(e->a); free(e->q); free(e->k); free(e->v); free(e->att); free(e->g); free(e->u);
+    free(e->free_pages);
     free(e->logits); free(e->row_seq); free(e->row_idx); free(e->done_logits);
+    free(e->row_ids); free(e->row_slot); free(e->h_cs); free(e->h_sn); free(e->img_rows); free(e->img_src);
+    free(e->aseq); free(e->sample_rows);
     free(e);
+}
+
+void vlm_engine_describe(const vlm_engine *e, char *buf, size_t len) {
+    snprintf(buf, len,
+             "backend %s, tp %d; per rank: weights %.1f MiB, KV %lld B/token, %lld KV pages of %d tokens "
+             "(%lld tokens, %.1f MiB), work buffers %.1f MiB",
+             vlm_backend_name(e->o.backend), e->tp, (double)e->weight_bytes_rank / 1048576.0,
+             (long long)e->kv_token_bytes_rank, (long long)e->n_pages, e->o.page_tokens,
+             (long long)(e->n_pages * e->o.page_tokens), (double)(e->n_pages * e->page_bytes_rank) / 1048576.0,
+             (double)e->work_bytes_rank / 1048576.0);
 }
 
 static int64_t pages_for(const vlm_engine *e, int64_t tokens) {
@@ -253,6 +581,10 @@ void vlm_engine_get_stats(const vlm_engine *e, vlm_engine_stats *st) {
         else st->waiting++;
     }
     st->preempted_total = e->preempted_total;
+    st->tp = e->tp;
+    st->weight_bytes_rank = e->weight_bytes_rank;
+    st->kv_bytes_per_token_rank = e->kv_token_bytes_rank;
+    st->work_bytes_rank = e->work_bytes_rank;
 }
 
 static void release_pages(vlm_engine *e, seq *s) {
@@ -295,164 +627,105 @@ void vlm_embed_rows(const vlm_tensor *emb, const int32_t *ids, int64_t n, float 
         for (int64_t j = 0; j < H; j++) out[i * H + j] = wval(emb, (int64_t)ids[i] * H + j);
 }
 
-/* rotate_half RoPE on one head vector h[head_dim] with per-frequency positions (SPEC §B, §C.1). */
-static void rope_head(float *h, int hd, const float *cs, const float *sn) {
-    int half = hd / 2;
-    for (int j = 0; j < half; j++) {
-        float a = h[j], b = h[j + half];
-        h[j] = a * cs[j] - b * sn[j];
-        h[j + half] = b * cs[j] + a * sn[j];
-    }
-}
-
 typedef struct { seq *s; int64_t start, n; bool sample; } sched;
 
-static float *kv_at(const vlm_engine *e, float *pool, int layer, const seq *s, int64_t t) {
-    int64_t pt = e->o.page_tokens;
-    int64_t page = s->pages[t / pt];
-    return pool + (((int64_t)layer * e->n_pages + page) * pt + t % pt) * e->kvd;
-}
-
-/* Attention of a prefill chunk: rows s0..s0+n-1 of sequence s over its tokens 0..s0+n-1.
- * q, out: [n, nh*hd] (row stride nh*hd). Per KV head the context is gathered from the pages into
- * contiguous K/V, then per query head S = Q·Kᵀ (scaled, causal mask, f32 softmax) and O = S·V. */
-static void chunk_attention(vlm_engine *e, int l, const seq *s, int64_t s0, int64_t n, const float *q, float *out,
-                            float scale) {
+/* One rank's forward over the step's R rows (SPEC §B/§C). Every rank holds the full residual stream
+ * x; the partial sums of the row-parallel o/down projections and of the vocab-parallel embedding are
+ * all-reduced, so x stays identical on all ranks. */
+static void rank_forward(rank *rk) {
+    vlm_engine *e = rk->e;
+    vlm_backend *b = rk->b;
+    const vlm_backend_ops *op = b->ops;
     const vlm_model_config *c = &e->m->cfg;
-    int64_t hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads, Q = nh * hd, T = s0 + n, grp = nh / nkv;
-    float *kc = malloc((size_t)(T * hd) * sizeof(float)), *vc = malloc((size_t)(T * hd) * sizeof(float));
-    float *S = malloc((size_t)(n * T) * sizeof(float));
-    VLM_ASSERT(kc && vc && S);
-    for (int64_t kh = 0; kh < nkv; kh++) {
-        for (int64_t t = 0; t < T; t++) {
-            memcpy(kc + t * hd, kv_at(e, e->k_pool, l, s, t) + kh * hd, (size_t)hd * sizeof(float));
-            memcpy(vc + t * hd, kv_at(e, e->v_pool, l, s, t) + kh * hd, (size_t)hd * sizeof(float));
-        }
-        for (int64_t h = kh * grp; h < (kh + 1) * grp; h++) {
-            vlm_gemm_f32(n, T, hd, q + h * hd, Q, kc, hd, true, 0.0f, S, T); // S: [n, T]
-#pragma omp parallel for schedule(static)
-            for (int64_t i = 0; i < n; i++) {
-                float *row = S + i * T;
-                int64_t lim = s0 + i + 1; /* causal: keys 0..s0+i */
-                float mx = -INFINITY;
-                for (int64_t t = 0; t < lim; t++) { row[t] *= scale; if (row[t] > mx) mx = row[t]; }
-                float sum = 0;
-                for (int64_t t = 0; t < lim; t++) { row[t] = expf(row[t] - mx); sum += row[t]; }
-                float inv = 1.0f / sum;
-                for (int64_t t = 0; t < lim; t++) row[t] *= inv;
-                for (int64_t t = lim; t < T; t++) row[t] = 0.0f;
-            }
-            vlm_gemm_f32(n, hd, T, S, T, vc, hd, false, 0.0f, out + h * hd, Q); // out: [n, hd] per head
-        }
+    const int64_t R = e->R, H = c->hidden, hd = c->head_dim, half = hd / 2;
+    const int64_t Q = rk->nh * hd, F = rk->F;
+    op->upload(b, rk->cs, e->h_cs, (size_t)(R * half) * sizeof(float));
+    op->upload(b, rk->sn, e->h_sn, (size_t)(R * half) * sizeof(float));
+    /* embeddings: this rank's vocab slice (zeros elsewhere and for image rows); image rows come from
+     * rank 0 only, so the sum over ranks has exactly one non-zero term per element (exact). */
+    op->embed(b, &rk->embed, rk->v0, e->row_ids, R, rk->x);
+    if (rk->idx == 0)
+        for (int64_t i = 0; i < e->n_img; i++)
+            op->upload(b, rk->x + e->img_rows[i] * H, e->img_src[i], (size_t)H * sizeof(float));
+    op->all_reduce(b, rk->x, R * H);
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int l = 0; l < c->n_layers; l++) {
+        const rank_layer *w = &rk->L[l];
+        op->rms_norm(b, rk->x, &w->in_norm, c->rms_eps, R, H, rk->a);   // a: [R, H]
+        op->linear(b, rk->a, R, H, &w->q, &w->qb, rk->q);               // q: [R, nh_l*hd]
+        op->linear(b, rk->a, R, H, &w->k, &w->kb, rk->k);               // k, v: [R, nkv_l*hd]
+        op->linear(b, rk->a, R, H, &w->v, &w->vb, rk->v);
+        op->rope(b, rk->q, R, rk->nh, hd, rk->cs, rk->sn);
+        op->rope(b, rk->k, R, rk->nkv, hd, rk->cs, rk->sn);
+        op->kv_write(b, rk->kv, l, e->row_slot, R, rk->k, rk->v);
+        op->attention(b, rk->kv, l, e->aseq, e->n_aseq, rk->nh, rk->nkv, hd, scale, rk->q, rk->att);
+        op->linear(b, rk->att, R, Q, &w->o, NULL, rk->a);               // partial o: [R, H]
+        op->all_reduce(b, rk->a, R * H);
+        op->add(b, rk->x, rk->a, R * H);
+        op->rms_norm(b, rk->x, &w->post_norm, c->rms_eps, R, H, rk->a);
+        op->linear(b, rk->a, R, H, &w->gate, NULL, rk->g);              // g, u: [R, F/N]
+        op->linear(b, rk->a, R, H, &w->up, NULL, rk->u);
+        op->swiglu(b, rk->g, rk->u, R * F);
+        op->linear(b, rk->g, R, F, &w->down, NULL, rk->a);              // partial down: [R, H]
+        op->all_reduce(b, rk->a, R * H);
+        op->add(b, rk->x, rk->a, R * H);
     }
-    free(kc);
-    free(vc);
-    free(S);
+    /* final norm + this rank's LM head slice, only for rows that produce a token */
+    if (e->n_sample == 0) return;
+    for (int64_t i = 0; i < e->n_sample; i++)
+        op->rms_norm(b, rk->x + e->sample_rows[i] * H, &rk->final_norm, c->rms_eps, 1, H, rk->a + i * H);
+    op->linear(b, rk->a, e->n_sample, H, &rk->lm_head, NULL, rk->lg);  // lg: [n_sample, vl]
+    op->logits_gather(b, rk->lg, e->n_sample, rk->vl, rk->v0, e->logits, c->vocab);
 }
 
-static void forward(vlm_engine *e, sched *sc, int n_sc, int64_t R) {
+/* Host-side preparation of a step: per-row token ids, image rows, RoPE cos/sin, KV slots, the
+ * sequences' extents for attention and the rows whose logits are needed. */
+static void prepare_step(vlm_engine *e, const sched *sc, int n_sc, int64_t R) {
     const vlm_model *m = e->m;
     const vlm_model_config *c = &m->cfg;
-    int64_t H = c->hidden, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads, F = c->intermediate;
-    int64_t Q = nh * hd, KV = e->kvd, half = hd / 2;
+    int64_t H = c->hidden, half = c->head_dim / 2, pt = e->o.page_tokens;
     int sec0 = c->mrope_section[0], sec1 = c->mrope_section[1];
     if (sec0 + sec1 + c->mrope_section[2] == 0) { sec0 = (int)half; sec1 = 0; }
-    /* embeddings, image rows scattered in; cos/sin per row */
-    float *cs = malloc((size_t)(R * half) * sizeof(float)), *sn = malloc((size_t)(R * half) * sizeof(float));
-    VLM_ASSERT(cs && sn);
+    e->R = R;
+    e->n_img = 0;
     for (int64_t r = 0; r < R; r++) {
-        seq *s = sc[e->row_seq[r]].s;
+        const seq *s = sc[e->row_seq[r]].s;
         int64_t i = e->row_idx[r];
-        int32_t id = s->tok[i];
-        if (i < s->n_prompt && s->img_row[i] >= 0) memcpy(e->x + r * H, s->img + s->img_row[i] * H, (size_t)H * sizeof(float));
-        else vlm_embed_rows(m->w.embed, &id, 1, e->x + r * H);
+        if (i < s->n_prompt && s->img_row[i] >= 0) {
+            e->row_ids[r] = -1;
+            e->img_rows[e->n_img] = r;
+            e->img_src[e->n_img++] = s->img + s->img_row[i] * H;
+        } else {
+            e->row_ids[r] = s->tok[i];
+        }
+        e->row_slot[r] = (int64_t)s->pages[i / pt] * pt + i % pt;
         int64_t p3[3];
         for (int k = 0; k < 3; k++) p3[k] = i < s->n_prompt ? s->pos[k * s->n_prompt + i] : i + s->delta;
         for (int64_t j = 0; j < half; j++) {
             int st = j < sec0 ? 0 : j < sec0 + sec1 ? 1 : 2;
             float ang = (float)p3[st] * m->inv_freq[j];
-            cs[r * half + j] = cosf(ang);
-            sn[r * half + j] = sinf(ang);
+            e->h_cs[r * half + j] = cosf(ang);
+            e->h_sn[r * half + j] = sinf(ang);
         }
     }
-    float scale = 1.0f / sqrtf((float)hd);
-    for (int l = 0; l < c->n_layers; l++) {
-        const struct vlm_layer *w = &m->w.layers[l];
-        vlm_rms_norm(e->x, w->in_norm, c->rms_eps, R, H, e->a); // a: [R, H]
-        vlm_linear(e->a, R, H, w->q, w->qb, e->q);              // q: [R, nh*hd]
-        vlm_linear(e->a, R, H, w->k, w->kb, e->k);              // k: [R, nkv*hd]
-        vlm_linear(e->a, R, H, w->v, w->vb, e->v);
-        for (int64_t r = 0; r < R; r++) {
-            for (int64_t h = 0; h < nh; h++) rope_head(e->q + r * Q + h * hd, (int)hd, cs + r * half, sn + r * half);
-            for (int64_t h = 0; h < nkv; h++) rope_head(e->k + r * KV + h * hd, (int)hd, cs + r * half, sn + r * half);
-            seq *s = sc[e->row_seq[r]].s;
-            memcpy(kv_at(e, e->k_pool, l, s, e->row_idx[r]), e->k + r * KV, (size_t)KV * sizeof(float));
-            memcpy(kv_at(e, e->v_pool, l, s, e->row_idx[r]), e->v + r * KV, (size_t)KV * sizeof(float));
-        }
-        /* attention: row r at index i of its sequence attends to tokens 0..i (causal over all pages).
-         * Single rows (decode) take the per-row loop; prefill chunks use matrix products per head. */
-        int64_t grp = nh / nkv;
-#pragma omp parallel for schedule(dynamic, 1) collapse(2)
-        for (int64_t r = 0; r < R; r++)
-            for (int64_t h = 0; h < nh; h++) {
-                if (sc[e->row_seq[r]].n > 1) continue;
-                seq *s = sc[e->row_seq[r]].s;
-                int64_t n = e->row_idx[r] + 1, kh = h / grp;
-                const float *qh = e->q + r * Q + h * hd;
-                float *sc_buf = malloc((size_t)n * sizeof(float));
-                VLM_ASSERT(sc_buf);
-                float mx = -INFINITY;
-                for (int64_t t = 0; t < n; t++) {
-                    const float *kk = kv_at(e, e->k_pool, l, s, t) + kh * hd;
-                    float d = 0;
-                    for (int64_t j = 0; j < hd; j++) d += qh[j] * kk[j];
-                    sc_buf[t] = d * scale;
-                    if (sc_buf[t] > mx) mx = sc_buf[t];
-                }
-                float sum = 0;
-                for (int64_t t = 0; t < n; t++) { sc_buf[t] = expf(sc_buf[t] - mx); sum += sc_buf[t]; }
-                float inv = 1.0f / sum;
-                float *o = e->att + r * Q + h * hd;
-                for (int64_t j = 0; j < hd; j++) o[j] = 0;
-                for (int64_t t = 0; t < n; t++) {
-                    const float *vv = kv_at(e, e->v_pool, l, s, t) + kh * hd;
-                    float p = sc_buf[t] * inv;
-                    for (int64_t j = 0; j < hd; j++) o[j] += p * vv[j];
-                }
-                free(sc_buf);
-            }
-        for (int k = 0, r0 = 0; k < n_sc; r0 += (int)sc[k].n, k++)
-            if (sc[k].n > 1) chunk_attention(e, l, sc[k].s, sc[k].start, sc[k].n, e->q + (int64_t)r0 * Q,
-                                             e->att + (int64_t)r0 * Q, scale);
-        vlm_linear(e->att, R, Q, w->o, NULL, e->a); // a: [R, H]
-        for (int64_t i = 0; i < R * H; i++) e->x[i] += e->a[i];
-        vlm_rms_norm(e->x, w->post_norm, c->rms_eps, R, H, e->a);
-        vlm_linear(e->a, R, H, w->gate, NULL, e->g); // g, u: [R, F]
-        vlm_linear(e->a, R, H, w->up, NULL, e->u);
-        for (int64_t i = 0; i < R * F; i++) {
-            float z = e->g[i];
-            e->g[i] = z / (1.0f + expf(-z)) * e->u[i];
-        }
-        vlm_linear(e->g, R, F, w->down, NULL, e->a);
-        for (int64_t i = 0; i < R * H; i++) e->x[i] += e->a[i];
-    }
-    free(cs);
-    free(sn);
-    /* final norm + LM head only for rows that produce a token */
-    int64_t nl = 0;
+    e->n_aseq = n_sc;
+    e->n_sample = 0;
+    int64_t r0 = 0;
     for (int k = 0; k < n_sc; k++) {
-        if (!sc[k].sample) continue;
-        /* the last row of this sequence's chunk */
-        int64_t r = 0;
-        for (int j = 0; j < k; j++) r += sc[j].n;
-        r += sc[k].n - 1;
-        memcpy(e->u + nl * H, e->x + r * H, (size_t)H * sizeof(float));
-        nl++;
+        e->aseq[k] = (vlm_attn_seq){sc[k].s->pages, sc[k].s->n_pages, sc[k].start, sc[k].n, r0};
+        r0 += sc[k].n;
+        if (sc[k].sample) e->sample_rows[e->n_sample++] = r0 - 1; /* the last row of its chunk */
     }
-    if (nl) {
-        vlm_rms_norm(e->u, m->w.final_norm, c->rms_eps, nl, H, e->a);
-        vlm_linear(e->a, nl, H, m->w.lm_head, NULL, e->logits); // logits: [nl, vocab]
+}
+
+static void run_step(vlm_engine *e, const sched *sc, int n_sc, int64_t R) {
+    prepare_step(e, sc, n_sc, R);
+    if (e->tp == 1) {
+        rank_forward(&e->ranks[0]);
+        return;
     }
+    pthread_barrier_wait(&e->go);   /* ranks run rank_forward */
+    pthread_barrier_wait(&e->done); /* all logits gathered */
 }
 
 static bool ensure_pages(vlm_engine *e, seq *s, int64_t tokens) {
@@ -538,7 +811,7 @@ int vlm_engine_step(vlm_engine *e, vlm_token_event *ev, int max_events) {
         }
     }
     if (R == 0) { free(sc); return n_ev; }
-    forward(e, sc, n_sc, R);
+    run_step(e, sc, n_sc, R);
     int64_t li = 0;
     const int64_t V = e->m->cfg.vocab;
     for (int k = 0; k < n_sc; k++) {

@@ -174,12 +174,22 @@ void vlm_sampling_default(vlm_sampling *s); /* greedy, all filters off */
 /* ---- engine: continuous batching over a paged KV cache -------------------------------------- */
 typedef struct vlm_engine vlm_engine;
 
+typedef enum { VLM_BACKEND_CPU = 0, VLM_BACKEND_CUDA } vlm_backend_kind;
+#define VLM_MAX_TP 64
+
 typedef struct {
     int threads;
     int64_t kv_memory_bytes;  /* KV page pool size; 0 => a default sized from the model */
     int max_seqs;             /* most sequences resident at once */
     int max_batch_tokens;     /* tokens per step (prefill chunk + decode tokens) */
     int page_tokens;          /* tokens per KV page; 0 => 16 */
+    /* tensor parallelism and backend (docs/runtime.md "Backends and tensor parallelism"). With tp = N
+     * the decoder is sharded over N ranks (CPU: N rank threads sharing `threads`; CUDA: one GPU per
+     * rank); kv_memory_bytes is then the KV pool of EACH rank. Zero values keep a 1-rank CPU engine. */
+    int tp;                   /* ranks; 0 or 1 => no tensor parallelism */
+    vlm_backend_kind backend;
+    int gpus[VLM_MAX_TP];     /* CUDA device of each rank (backend CUDA); n_gpus == 0 => 0..tp-1 */
+    int n_gpus;
 } vlm_engine_opts;
 
 vlm_status vlm_engine_create(vlm_model *m, const vlm_engine_opts *opts, vlm_engine **out,
@@ -255,7 +265,15 @@ const float *vlm_engine_logits(const vlm_engine *e, uint64_t seq_id);
 typedef struct {
     int64_t kv_pages_total, kv_pages_used, page_tokens;
     int running, waiting, preempted_total;
+    /* memory plan (per rank; every rank holds the same amounts) */
+    int tp;
+    int64_t weight_bytes_rank;      /* bytes of this rank's weight shards (mmap-aliased or copied) */
+    int64_t kv_bytes_per_token_rank;/* K+V bytes one token takes in one rank's pool */
+    int64_t work_bytes_rank;        /* activation buffers per rank */
 } vlm_engine_stats;
+/* One line describing the backend, ranks and memory plan, e.g. for the startup log. */
+void vlm_engine_describe(const vlm_engine *e, char *buf, size_t len);
+const char *vlm_backend_name(vlm_backend_kind k);
 void vlm_engine_get_stats(const vlm_engine *e, vlm_engine_stats *s);
 
 /* Convenience for `vlmd generate` and tests: adds one sequence to an (otherwise idle or shared)

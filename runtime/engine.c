@@ -123,6 +123,18 @@ static void seq_free(seq *s) {
 
 static void rank_forward(rank *rk);
 
+vlm_status vlm_backend_available(vlm_backend_kind k, char *err, size_t errlen) {
+    if (k == VLM_BACKEND_CPU) return VLM_OK;
+    if (k != VLM_BACKEND_CUDA) return vlm_errf(err, errlen, VLM_E_INVALID, "unknown backend %d", (int)k);
+    /* the CUDA entry points are weak (backend.h): absent unless runtime/cuda was linked in */
+    if (!vlm_backend_cuda_create || !vlm_backend_cuda_device_count || !vlm_backend_cuda_comm_id)
+        return vlm_errf(err, errlen, VLM_E_UNSUPPORTED,
+                        "--backend cuda: this vlmd was built without the CUDA backend (rebuild with make CUDA=1)");
+    if (vlm_backend_cuda_device_count() <= 0)
+        return vlm_errf(err, errlen, VLM_E_UNSUPPORTED, "--backend cuda: no CUDA GPU found");
+    return VLM_OK;
+}
+
 const char *vlm_backend_name(vlm_backend_kind k) { return k == VLM_BACKEND_CUDA ? "cuda" : "cpu"; }
 
 /* Loads one weight shard and adds its size to the plan. */
@@ -297,11 +309,9 @@ vlm_status vlm_engine_create(vlm_model *m, const vlm_engine_opts *opts, vlm_engi
     vlm_status st = check_split(c, N, err, errlen);
     if (st) return st;
     if (o.backend == VLM_BACKEND_CUDA) {
-        if (!vlm_backend_cuda_create || !vlm_backend_cuda_device_count || !vlm_backend_cuda_comm_id)
-            return vlm_errf(err, errlen, VLM_E_UNSUPPORTED,
-                            "--backend cuda: this vlmd was built without the CUDA backend (rebuild with make CUDA=1)");
+        st = vlm_backend_available(o.backend, err, errlen);
+        if (st) return st;
         int nd = vlm_backend_cuda_device_count();
-        if (nd <= 0) return vlm_errf(err, errlen, VLM_E_UNSUPPORTED, "--backend cuda: no CUDA GPU found");
         if (o.n_gpus > 0 && o.n_gpus != N)
             return vlm_errf(err, errlen, VLM_E_INVALID, "--gpus lists %d devices but --tp is %d", o.n_gpus, N);
         for (int r = 0; r < N; r++) {

@@ -274,6 +274,9 @@ typedef struct {
 /* One line describing the backend, ranks and memory plan, e.g. for the startup log. */
 void vlm_engine_describe(const vlm_engine *e, char *buf, size_t len);
 const char *vlm_backend_name(vlm_backend_kind k);
+/* VLM_OK when this build and machine can run backend k (CUDA: built with make CUDA=1 and at least
+ * one GPU visible); otherwise VLM_E_UNSUPPORTED with the reason. Cheap; call before loading a model. */
+vlm_status vlm_backend_available(vlm_backend_kind k, char *err, size_t errlen);
 void vlm_engine_get_stats(const vlm_engine *e, vlm_engine_stats *s);
 
 /* Convenience for `vlmd generate` and tests: adds one sequence to an (otherwise idle or shared)

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "server/prompt.h"
+#include "server/serve.h"
 #include "server/server.h"
 
 static void usage(FILE *f) {
@@ -18,6 +19,7 @@ static void usage(FILE *f) {
             "                     [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P]\n"
             "                     [--repetition-penalty R] [--seed S] [--greedy] [--ignore-eos]\n"
             "                     [--threads N] [--json] [--dump-logits FILE.npy]\n"
+            "                     [--tp N] [--backend cpu|cuda] [--gpus 0,1,...]\n"
             "\n"
             "  --prompt TEXT        user message text; each --image FILE is put before it\n"
             "  --messages FILE      an OpenAI-style messages array (or {\"messages\": [...]}) in JSON;\n"
@@ -29,7 +31,10 @@ static void usage(FILE *f) {
             "  --ignore-eos         keep generating past end-of-sequence tokens\n"
             "  --json               print {\"prompt_tokens\", \"token_ids\", \"text\", \"finish_reason\"}\n"
             "  --dump-logits FILE   write the float32 logits of every generated step, [steps, vocab], .npy\n"
-            "  --threads N          compute threads (default: all cores)\n");
+            "  --threads N          compute threads (default: all cores)\n"
+            "  --tp N               tensor-parallel ranks (CPU rank threads or GPUs; default 1)\n"
+            "  --backend B          cpu (default) or cuda (needs a make CUDA=1 build and a GPU)\n"
+            "  --gpus LIST          CUDA device per rank, e.g. 0,1 (default 0..tp-1)\n");
 }
 
 static char *read_file(const char *path, size_t *n) {
@@ -64,7 +69,8 @@ static const char *finish_name(vlm_finish f) {
 
 enum {
     OPT_MODEL = 1000, OPT_PROMPT, OPT_IMAGE, OPT_MESSAGES, OPT_MAXTOK, OPT_TEMP, OPT_TOPP, OPT_TOPK,
-    OPT_MINP, OPT_REP, OPT_SEED, OPT_GREEDY, OPT_IGNORE_EOS, OPT_THREADS, OPT_JSON, OPT_DUMP, OPT_HELP
+    OPT_MINP, OPT_REP, OPT_SEED, OPT_GREEDY, OPT_IGNORE_EOS, OPT_THREADS, OPT_JSON, OPT_DUMP, OPT_HELP,
+    OPT_TP, OPT_BACKEND, OPT_GPUS
 };
 
 static bool parse_num(const char *s, double lo, double hi, double *out) {
@@ -95,11 +101,15 @@ int vlmd_cmd_generate(int argc, char **argv) {
         {"json", no_argument, 0, OPT_JSON},
         {"dump-logits", required_argument, 0, OPT_DUMP},
         {"help", no_argument, 0, OPT_HELP},
+        {"tp", required_argument, 0, OPT_TP},
+        {"backend", required_argument, 0, OPT_BACKEND},
+        {"gpus", required_argument, 0, OPT_GPUS},
         {0, 0, 0, 0},
     };
     const char *model_dir = NULL, *prompt = NULL, *messages_path = NULL, *dump = NULL;
     const char *images[64];
-    int n_images = 0, threads = 0, max_tokens = 256;
+    int n_images = 0, threads = 0, max_tokens = 256, tp = 1;
+    const char *backend = "cpu", *gpus = NULL;
     bool greedy = false, ignore_eos = false, json = false;
     /* Overrides: NaN means "not given". */
     double temp = NAN, top_p = NAN, top_k = NAN, min_p = NAN, rep = NAN, seed = NAN;
@@ -137,6 +147,12 @@ int vlmd_cmd_generate(int argc, char **argv) {
         case OPT_JSON: json = true; break;
         case OPT_DUMP: dump = optarg; break;
         case OPT_HELP: usage(stdout); return 0;
+        case OPT_TP:
+            if (!parse_num(optarg, 1, VLM_MAX_TP, &v) || v != floor(v)) goto bad_value;
+            tp = (int)v;
+            break;
+        case OPT_BACKEND: backend = optarg; break;
+        case OPT_GPUS: gpus = optarg; break;
         default: usage(stderr); return 2;
         }
         continue;
@@ -159,6 +175,13 @@ int vlmd_cmd_generate(int argc, char **argv) {
     int32_t *out_ids = NULL;
     vlmd_prompt p = {0};
 
+    /* --tp/--backend/--gpus are checked before the model is loaded */
+    vlm_engine_opts peo = {0};
+    if (vlmd_parallel_opts(tp, backend, gpus, &peo, err, sizeof err) ||
+        vlm_backend_available(peo.backend, err, sizeof err) != VLM_OK) {
+        fprintf(stderr, "vlmd generate: %s\n", err);
+        return 1;
+    }
     vlm_status st = vlmd_bundle_load(model_dir, threads, &b, err, sizeof err);
     if (st != VLM_OK) {
         fprintf(stderr, "vlmd generate: %s\n", err);
@@ -235,7 +258,8 @@ int vlmd_cmd_generate(int argc, char **argv) {
     d.want_logits = dump != NULL;
 
     vlm_engine_opts eo = {.threads = threads, .max_seqs = 1};
-    st = vlm_engine_create(b->model, &eo, &e, err, sizeof err);
+    if (vlmd_parallel_opts(tp, backend, gpus, &eo, err, sizeof err)) st = VLM_E_INVALID;
+    else st = vlm_engine_create(b->model, &eo, &e, err, sizeof err);
     uint64_t id = 0;
     if (st == VLM_OK) st = vlm_engine_add(e, &d, &id, err, sizeof err);
     if (st != VLM_OK) {

@@ -84,7 +84,16 @@ int vlmd_cmd_serve(int argc, char **argv) {
 
     double t0 = vlmd_now();
     vlmd_bundle *b = NULL;
-    vlm_status st = vlmd_bundle_load(cfg.model, cfg.threads, &b, err, sizeof err);
+    vlm_engine_opts peo;
+    vlm_status st = vlmd_parallel_opts(cfg.tp, cfg.backend, cfg.gpus, &peo, err, sizeof err) ? VLM_E_INVALID
+                    : vlm_backend_available(peo.backend, err, sizeof err);
+    if (st != VLM_OK) { /* before loading: a wrong backend should not cost a model load */
+        fprintf(stderr, "level=error event=backend msg=\"%s\"\n", err);
+        vlmd_http_stop(h);
+        vlmd_metrics_free(m);
+        return 1;
+    }
+    st = vlmd_bundle_load(cfg.model, cfg.threads, &b, err, sizeof err);
     if (st != VLM_OK) {
         fprintf(stderr, "level=error event=load model=\"%s\" msg=\"%s\"\n", cfg.model, err);
         vlmd_http_stop(h);

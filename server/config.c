@@ -72,6 +72,10 @@ static const opt_t OPTS[] = {
      "let remote image URLs resolve to private, loopback or link-local addresses"},
     {"media-timeout", T_SECONDS, O(media_timeout), 0, 0.1, 1e6,
      "seconds per remote image fetch (default 10)"},
+    {"tp", T_INT, O(tp), 0, 1, VLM_MAX_TP,
+     "tensor-parallel ranks: the decoder is sharded over N CPU rank threads or N GPUs (default 1)"},
+    {"backend", T_STR, O(backend), S(backend), 0, 0, "compute backend: cpu (default) or cuda (make CUDA=1)"},
+    {"gpus", T_STR, O(gpus), S(gpus), 0, 0, "CUDA devices, one per rank, e.g. 0,1 (default 0..tp-1)"},
     {"config", T_STR, O(config), S(config), 0, 0,
      "JSON file of settings, keys as flags with '_' (\"max_queue\": 32); flags win"},
 };
@@ -98,6 +102,32 @@ void vlmd_cfg_defaults(vlmd_serve_cfg *c) {
     c->ping_interval = 10;
     c->max_connections = 256;
     c->media_timeout = 10;
+    c->tp = 1;
+    snprintf(c->backend, sizeof c->backend, "cpu");
+}
+
+int vlmd_parallel_opts(int tp, const char *backend, const char *gpus, vlm_engine_opts *eo, char *err,
+                       size_t errlen) {
+    eo->tp = tp > 0 ? tp : 1;
+    if (!backend || !*backend || !strcmp(backend, "cpu")) eo->backend = VLM_BACKEND_CPU;
+    else if (!strcmp(backend, "cuda")) eo->backend = VLM_BACKEND_CUDA;
+    else return snprintf(err, errlen, "backend: '%s' is not cpu or cuda", backend), -1;
+    eo->n_gpus = 0;
+    if (!gpus || !*gpus) return 0;
+    if (eo->backend != VLM_BACKEND_CUDA) return snprintf(err, errlen, "--gpus needs --backend cuda"), -1;
+    for (const char *p = gpus; *p;) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v > 1023 || (*end && *end != ','))
+            return snprintf(err, errlen, "gpus: bad device list '%s' (want e.g. 0,1,2,3)", gpus), -1;
+        if (eo->n_gpus == VLM_MAX_TP) return snprintf(err, errlen, "gpus: more than %d devices", VLM_MAX_TP), -1;
+        eo->gpus[eo->n_gpus++] = (int)v;
+        p = *end ? end + 1 : end;
+    }
+    if (eo->n_gpus != eo->tp)
+        return snprintf(err, errlen, "--gpus lists %d devices but --tp is %d", eo->n_gpus, eo->tp), -1;
+    return 0;
 }
 
 static const opt_t *find_opt(const char *name, bool json) {
@@ -271,6 +301,8 @@ int vlmd_cfg_parse(vlmd_serve_cfg *c, int argc, char **argv, char *err, size_t e
         if (env && env[0]) snprintf(c->api_key, sizeof c->api_key, "%s", env);
     }
     if (c->max_tokens_default > c->max_tokens_limit) c->max_tokens_default = c->max_tokens_limit;
+    vlm_engine_opts eo;
+    if (vlmd_parallel_opts(c->tp, c->backend, c->gpus, &eo, err, errlen)) return -1;
     return 0;
 }
 

@@ -373,9 +373,15 @@ static void *engine_main(void *arg) {
                           .max_batch_tokens = s->cfg->max_batch_tokens,
                           .page_tokens = 0};
     char err[512];
-    vlm_status st = vlm_engine_create(s->b->model, &eo, &s->eng, s->start_err, sizeof s->start_err);
+    vlm_status st = VLM_OK;
+    if (vlmd_parallel_opts(s->cfg->tp, s->cfg->backend, s->cfg->gpus, &eo, s->start_err, sizeof s->start_err))
+        st = VLM_E_INVALID;
+    if (st == VLM_OK) st = vlm_engine_create(s->b->model, &eo, &s->eng, s->start_err, sizeof s->start_err);
     vlm_engine_stats es;
     if (st == VLM_OK) {
+        char plan[512];
+        vlm_engine_describe(s->eng, plan, sizeof plan);
+        fprintf(stderr, "level=info event=engine plan=\"%s\"\n", plan);
         vlm_engine_get_stats(s->eng, &es);
         int64_t cap = es.kv_pages_total * es.page_tokens;
         int64_t ctx = s->b->cfg->max_position > 0 ? s->b->cfg->max_position : cap;

@@ -54,7 +54,15 @@ typedef struct {
     bool allow_private_media;
     double media_timeout;
     char config[1024];
+    int tp;                   /* tensor-parallel ranks */
+    char backend[16];         /* "cpu" or "cuda" */
+    char gpus[256];           /* "0,1,..." CUDA devices, one per rank */
 } vlmd_serve_cfg;
+
+/* Fills eo->tp, backend, gpus/n_gpus from the --tp/--backend/--gpus values (serve and generate);
+ * -1 with a message for an unknown backend, a malformed list, or --gpus without --backend cuda. */
+int vlmd_parallel_opts(int tp, const char *backend, const char *gpus, vlm_engine_opts *eo, char *err,
+                       size_t errlen);
 
 void vlmd_cfg_defaults(vlmd_serve_cfg *c);
 /* Parses argv (argv[0] = "serve"); --config FILE is applied first, flags after it win.

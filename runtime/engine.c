@@ -128,8 +128,14 @@ vlm_status vlm_backend_available(vlm_backend_kind k, char *err, size_t errlen) {
     if (k != VLM_BACKEND_CUDA) return vlm_errf(err, errlen, VLM_E_INVALID, "unknown backend %d", (int)k);
     /* the CUDA entry points are weak (backend.h): absent unless runtime/cuda was linked in */
     if (!vlm_backend_cuda_create || !vlm_backend_cuda_device_count || !vlm_backend_cuda_comm_id)
+#ifdef VLM_HAVE_CUDA
+        return vlm_errf(err, errlen, VLM_E_UNSUPPORTED,
+                        "--backend cuda: this vlmd was built with CUDA=1 but without the CUDA backend "
+                        "(runtime/cuda provides no vlm_backend_cuda_create)");
+#else
         return vlm_errf(err, errlen, VLM_E_UNSUPPORTED,
                         "--backend cuda: this vlmd was built without the CUDA backend (rebuild with make CUDA=1)");
+#endif
     if (vlm_backend_cuda_device_count() <= 0)
         return vlm_errf(err, errlen, VLM_E_UNSUPPORTED, "--backend cuda: no CUDA GPU found");
     return VLM_OK;

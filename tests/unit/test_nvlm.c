@@ -1,0 +1,190 @@
+/* test_nvlm.c — NVLM-D support against fixtures from tools/make_nvlm.py (tests/fixtures/nvlm/):
+ *   - config.json of nvidia/NVLM-D-72B parsed into vlm_model_config (family, llm_config, InternViT, tiling)
+ *   - tiling decisions (grid chosen by the source's find_closest_aspect_ratio incl. candidate order and
+ *     tie-break) for ~500 image sizes x max_dynamic_patch 1..12
+ *   - pixel_values of synthetic images (PIL bicubic resize, crop, thumbnail, ImageNet normalisation):
+ *     an FNV-1a hash of each tile's f32 bytes (bit-exact) and its f64 sum.
+ * Fast and model-free. */
+#include <cJSON.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "runtime/rt_internal.h" /* vlm_config_parse: config only, no weights needed */
+#include "tests/unit/test.h"
+#include "vision/vision.h"
+
+#define FIX "tests/fixtures/nvlm"
+/* pixel_values are made with the same f32 operations as torch's ToTensor/Normalize on bit-identical
+ * PIL-resized bytes (resize.c is bit-compatible with Pillow), so the tile hashes must match exactly; the
+ * sum tolerance only matters for the message when they do not (f64 sum of ~600k values of |x| < 2.7). */
+#define PV_SUM_TOL 1e-6
+
+static cJSON *load_json(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    size_t got = fread(buf, 1, (size_t)n, f);
+    fclose(f);
+    buf[got] = 0;
+    cJSON *j = cJSON_ParseWithLength(buf, got);
+    free(buf);
+    return j;
+}
+
+static void test_config_nvlm_d_72b(void) {
+    vlm_model_config c;
+    vlm_gen_defaults g;
+    char err[512] = "";
+    vlm_status st = vlm_config_parse(FIX "/nvlm-d-72b", &c, &g, err, sizeof err);
+    CHECKF(st == VLM_OK, "%s", err);
+    if (st) return;
+    CHECK_EQ_INT(c.arch, VLM_ARCH_NVLM_D);
+    CHECK_EQ_INT(c.hidden, 8192);
+    CHECK_EQ_INT(c.intermediate, 29568);
+    CHECK_EQ_INT(c.n_layers, 80);
+    CHECK_EQ_INT(c.n_heads, 64);
+    CHECK_EQ_INT(c.n_kv_heads, 8);
+    CHECK_EQ_INT(c.head_dim, 128);
+    CHECK_EQ_INT(c.vocab, 152064);
+    CHECK_NEAR(c.rope_theta, 1e6, 1);
+    CHECK_NEAR(c.rms_eps, 1e-6, 1e-12);
+    CHECK_EQ_INT(c.mrope_section[0] + c.mrope_section[1] + c.mrope_section[2], 0); /* 1-D RoPE */
+    CHECK(!c.tie_embeddings);
+    CHECK_EQ_INT(c.weight_dtype, VLM_BF16);
+    CHECK_EQ_INT(c.n_eos, 1);
+    CHECK_EQ_INT(c.eos_ids[0], 151645);
+    CHECK_EQ_INT(c.image_token_id, 151654);
+    CHECK(c.has_vision);
+    CHECK_EQ_INT(c.nvlm.image_size, 448);
+    CHECK_EQ_INT(c.nvlm.min_tiles, 1);
+    CHECK_EQ_INT(c.nvlm.max_tiles, 6);
+    CHECK(c.nvlm.use_thumbnail);
+    CHECK(c.nvlm.dynamic_image_size);
+    CHECK_EQ_INT(c.nvlm.ps_version, 2);
+    CHECK_EQ_INT(c.nvlm.select_layer, -1);
+    CHECK_EQ_INT(c.nvlm.tokens_per_tile, 256);
+    CHECK_EQ_INT(c.nvlm.vit_layers, 45);
+    CHECK_EQ_INT(c.nvlm.vit_hidden, 3200);
+    CHECK_EQ_INT(c.nvlm.vit_heads, 25);
+    CHECK_EQ_INT(c.nvlm.vit_intermediate, 12800);
+    CHECK_EQ_INT(c.nvlm.vit_patch, 14);
+    CHECK(c.nvlm.vit_rms_norm);
+    CHECK(c.nvlm.vit_qk_norm);
+    CHECK(!c.nvlm.vit_qkv_bias);
+    CHECK_NEAR(c.image_mean[0], 0.485, 1e-7);
+    CHECK_NEAR(c.image_std[2], 0.225, 1e-7);
+}
+
+static void test_tiling_decisions(void) {
+    cJSON *j = load_json(FIX "/tiling.json");
+    CHECKF(j != NULL, "cannot read %s", FIX "/tiling.json");
+    if (!j) return;
+    const cJSON *cases = cJSON_GetObjectItem(j, "cases");
+    int n = 0, bad = 0;
+    for (const cJSON *r = cases ? cases->child : NULL; r; r = r->next, n++) {
+        int w = cJSON_GetArrayItem(r, 0)->valueint, h = cJSON_GetArrayItem(r, 1)->valueint;
+        int m = cJSON_GetArrayItem(r, 2)->valueint;
+        int ec = cJSON_GetArrayItem(r, 3)->valueint, er = cJSON_GetArrayItem(r, 4)->valueint;
+        int c = 0, rr = 0;
+        char err[256];
+        vlm_status st = vlm_nvlm_tile_grid(w, h, 1, m, 448, &c, &rr, err, sizeof err);
+        if (st || c != ec || rr != er) {
+            if (bad++ < 10) fprintf(stderr, "  %dx%d max %d: got %dx%d want %dx%d\n", w, h, m, c, rr, ec, er);
+        }
+    }
+    CHECK_EQ_INT(bad, 0);
+    CHECKF(n > 5000, "only %d tiling cases", n);
+    cJSON_Delete(j);
+    int c, r;
+    char err[256];
+    CHECK_EQ_INT(vlm_nvlm_tile_grid(10, 10, 2, 6, 448, &c, &r, err, sizeof err), VLM_E_UNSUPPORTED);
+    CHECK_EQ_INT(vlm_nvlm_tile_grid(10, 10, 1, 13, 448, &c, &r, err, sizeof err), VLM_E_UNSUPPORTED);
+    CHECK_EQ_INT(vlm_nvlm_tile_grid(0, 10, 1, 6, 448, &c, &r, err, sizeof err), VLM_E_INVALID);
+}
+
+/* Hand-worked ties from the source's rule (max 6, tile 448): a 3:2 image is exactly 1.5 = 3/2 -> 3x2 for
+ * max 6, but under max 2 it ties between 1x1 (|1.5-1|) and 2x1 (|1.5-2|): 2x1 replaces 1x1 only when the
+ * area exceeds half of 2 tiles (200704 px). A square ties 1x1 with 2x2 and goes to 2x2 above 401408 px. */
+static void test_tiling_hand_worked(void) {
+    int c, r;
+    char err[256];
+    vlm_nvlm_tile_grid(300, 200, 1, 2, 448, &c, &r, err, sizeof err);
+    CHECK(c == 1 && r == 1); /* 60000 px: tie kept at 1x1 */
+    vlm_nvlm_tile_grid(900, 600, 1, 2, 448, &c, &r, err, sizeof err);
+    CHECK(c == 2 && r == 1); /* 540000 px > 200704 */
+    vlm_nvlm_tile_grid(300, 200, 1, 6, 448, &c, &r, err, sizeof err);
+    CHECK(c == 3 && r == 2);
+    vlm_nvlm_tile_grid(633, 633, 1, 6, 448, &c, &r, err, sizeof err);
+    CHECK(c == 1 && r == 1); /* 400689 px <= 401408 */
+    vlm_nvlm_tile_grid(634, 634, 1, 6, 448, &c, &r, err, sizeof err);
+    CHECK(c == 2 && r == 2); /* 401956 px > 401408 */
+}
+
+static uint32_t fnv1a32(const void *p, size_t n) {
+    const uint8_t *b = p;
+    uint32_t h = 0x811C9DC5u;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x01000193u;
+    return h;
+}
+
+static void synth(int w, int h, vlm_image *img) {
+    img->width = w;
+    img->height = h;
+    img->rgb = malloc((size_t)w * h * 3);
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++)
+            for (int c = 0; c < 3; c++)
+                img->rgb[((size_t)y * w + x) * 3 + c] =
+                    (uint8_t)((7ll * x + 13ll * y + 50 * c + 3 * (((long long)x * y) % 31)) % 256);
+}
+
+static void test_pixel_values(void) {
+    vlm_model_config cfg;
+    vlm_gen_defaults g;
+    char err[512] = "";
+    CHECKF(vlm_config_parse(FIX "/nvlm-d-72b", &cfg, &g, err, sizeof err) == VLM_OK, "%s", err);
+    cJSON *j = load_json(FIX "/pixels.json");
+    CHECKF(j != NULL, "cannot read %s", FIX "/pixels.json");
+    if (!j) return;
+    int ncases = 0;
+    for (const cJSON *cs = cJSON_GetObjectItem(j, "cases")->child; cs; cs = cs->next, ncases++) {
+        int w = cJSON_GetObjectItem(cs, "w")->valueint, h = cJSON_GetObjectItem(cs, "h")->valueint;
+        vlm_image img;
+        synth(w, h, &img);
+        vlm_pixels px;
+        vlm_status st = vlm_nvlm_preprocess(&cfg, &img, &px, err, sizeof err);
+        CHECKF(st == VLM_OK, "%dx%d: %s", w, h, err);
+        if (st) { vlm_img_free(&img); continue; }
+        const cJSON *tiles = cJSON_GetObjectItem(cs, "tiles");
+        CHECK_EQ_INT(px.n_patches, cJSON_GetArraySize(tiles));
+        CHECK_EQ_INT(px.n_tokens, px.n_patches * 256);
+        CHECK_EQ_INT(px.patch_dim, 3 * 448 * 448);
+        int k = 0;
+        for (const cJSON *t = tiles->child; t && k < px.n_patches; t = t->next, k++) {
+            const float *pv = px.pixel_values + (size_t)k * px.patch_dim;
+            double sum = 0;
+            for (int64_t i = 0; i < px.patch_dim; i++) sum += pv[i];
+            uint32_t hsh = fnv1a32(pv, (size_t)px.patch_dim * sizeof(float));
+            CHECKF(hsh == (uint32_t)cJSON_GetObjectItem(t, "fnv1a")->valuedouble,
+                   "%dx%d tile %d: hash differs (sum %.9g vs %.9g)", w, h, k, sum,
+                   cJSON_GetObjectItem(t, "sum")->valuedouble);
+            CHECK_NEAR(sum, cJSON_GetObjectItem(t, "sum")->valuedouble, PV_SUM_TOL);
+        }
+        vlm_pixels_free(&px);
+        vlm_img_free(&img);
+    }
+    CHECK_EQ_INT(ncases, 11);
+    cJSON_Delete(j);
+}
+
+int main(void) {
+    RUN(test_config_nvlm_d_72b);
+    RUN(test_tiling_decisions);
+    RUN(test_tiling_hand_worked);
+    RUN(test_pixel_values);
+    TEST_MAIN_END("nvlm");
+}

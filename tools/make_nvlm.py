@@ -12,6 +12,13 @@ Writes:
                 build_transform + dynamic_preprocess do. torchvision is not installed here: ToTensor and
                 Normalize are the same f32 element ops written with torch (T.Resize((448,448)) on a
                 448x448 PIL image is PIL's copy-without-filtering, so it is left out).
+  tiny-decoder/ a tiny NVLM-D checkpoint holding only the language model (config.json with llm_config +
+                vision_config, `language_model.model.*` / `language_model.lm_head.weight` names, two shards
+                with an index, bf16 matrices next to f32 norms/biases: dtypes come from the headers), and
+                decoder.json + decoder_*.npy: transformers Qwen2ForCausalLM (eager, f32, weights rounded
+                through bf16 as stored) first-step logits and greedy continuations for a text prompt and for
+                a prompt whose <|vision_pad|> rows are replaced by given embeddings (as NVLM_D_Model does via
+                inputs_embeds), with position_ids 0..L-1 — the 1-D RoPE path vlmd shares with Qwen2.
   kOrder        (printed with --print-order) the candidate order table in vision/nvlm_preprocess.c.
 
 The synthetic image is a formula both this script and tests/unit/test_nvlm.c compute:
@@ -103,6 +110,111 @@ def tiling_cases():
     return sorted(sizes)
 
 
+DEC = dict(hidden=64, heads=4, kv=2, inter=128, layers=2, vocab=320, pad=300, eos=301)
+
+
+def bf16_round(a):
+    b = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint32)  # round to nearest even
+    return (b << 16).view(np.float32)
+
+
+def write_st(path, tensors):
+    header, off, blobs = {}, 0, []
+    for name, (arr, dt) in tensors.items():
+        if dt == "BF16":
+            raw = (np.ascontiguousarray(bf16_round(arr)).view(np.uint32) >> 16).astype("<u2").tobytes()
+        else:
+            raw = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [off, off + len(raw)]}
+        off += len(raw)
+        blobs.append(raw)
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for b in blobs:
+            f.write(b)
+
+
+def make_decoder(out):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    d = DEC
+    rng = np.random.default_rng(55)
+    H, F, hd = d["hidden"], d["inter"], d["hidden"] // d["heads"]
+    q, kv = d["heads"] * hd, d["kv"] * hd
+    sd = {"model.embed_tokens.weight": (rng.standard_normal((d["vocab"], H)) * 0.5, "BF16"),
+          "model.norm.weight": (1 + 0.1 * rng.standard_normal(H), "F32"),
+          "lm_head.weight": (rng.standard_normal((d["vocab"], H)) * 0.2, "BF16")}
+    for l in range(d["layers"]):
+        p = f"model.layers.{l}."
+        for n, shp, dt in [("input_layernorm.weight", (H,), "F32"), ("post_attention_layernorm.weight", (H,), "F32"),
+                           ("self_attn.q_proj.weight", (q, H), "BF16"), ("self_attn.k_proj.weight", (kv, H), "BF16"),
+                           ("self_attn.v_proj.weight", (kv, H), "BF16"), ("self_attn.q_proj.bias", (q,), "F32"),
+                           ("self_attn.k_proj.bias", (kv,), "F32"), ("self_attn.v_proj.bias", (kv,), "F32"),
+                           ("self_attn.o_proj.weight", (H, q), "BF16"), ("mlp.gate_proj.weight", (F, H), "BF16"),
+                           ("mlp.up_proj.weight", (F, H), "BF16"), ("mlp.down_proj.weight", (H, F), "BF16")]:
+            scale = 0.1 if "norm" in n else (0.05 if "bias" in n else 1 / np.sqrt(shp[-1]))
+            base = 1.0 if "norm" in n else 0.0
+            sd[p + n] = (base + scale * rng.standard_normal(shp), dt)
+    sd = {k: (np.asarray(v, dtype=np.float32), dt) for k, (v, dt) in sd.items()}
+    os.makedirs(os.path.join(out, "tiny-decoder"), exist_ok=True)
+    names = list(sd)
+    shards = [names[: len(names) // 2], names[len(names) // 2:]]
+    wmap = {}
+    for i, part in enumerate(shards):
+        fn = f"model-{i + 1:05d}-of-00002.safetensors"
+        write_st(os.path.join(out, "tiny-decoder", fn), {"language_model." + k: sd[k] for k in part})
+        wmap.update({"language_model." + k: fn for k in part})
+    with open(os.path.join(out, "tiny-decoder", "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": wmap}, f, indent=1)
+    cfg = json.load(open(os.path.join(out, "nvlm-d-72b", "config.json")))
+    llm = cfg["llm_config"]
+    llm.update(hidden_size=H, intermediate_size=F, num_attention_heads=d["heads"], num_key_value_heads=d["kv"],
+               num_hidden_layers=d["layers"], vocab_size=d["vocab"], eos_token_id=d["eos"], bos_token_id=d["eos"])
+    cfg["image_token_id"] = d["pad"]  # the tiny vocabulary has no <|vision_pad|> at 151654
+    cfg["vision_config"].update(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)
+    with open(os.path.join(out, "tiny-decoder", "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+
+    qc = Qwen2Config(hidden_size=H, intermediate_size=F, num_attention_heads=d["heads"],
+                     num_key_value_heads=d["kv"], num_hidden_layers=d["layers"], vocab_size=d["vocab"],
+                     rms_norm_eps=llm["rms_norm_eps"], rope_theta=llm["rope_theta"],
+                     max_position_embeddings=llm["max_position_embeddings"], tie_word_embeddings=False)
+    qc._attn_implementation = "eager"
+    model = Qwen2ForCausalLM(qc).eval()
+    state = {k: torch.from_numpy(bf16_round(v) if dt == "BF16" else v) for k, (v, dt) in sd.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    prompts = {"text": [5, 17, 99, 3, 250, 42, 7]}
+    n_img = 6
+    img_ids = [5, 17] + [d["pad"]] * n_img + [88, 9]
+    embeds = (rng.standard_normal((n_img, H)) * 0.5).astype(np.float32)
+    np.save(os.path.join(out, "decoder_image_embeds.npy"), embeds)
+    prompts["image"] = img_ids
+    res = {"made_by": "tools/make_nvlm.py", "cases": {}}
+    for name, ids in prompts.items():
+        emb_layer = model.get_input_embeddings()
+        with torch.no_grad():
+            x = emb_layer(torch.tensor([ids]))
+            if name == "image":
+                x[0, torch.tensor(ids) == d["pad"]] = torch.from_numpy(embeds)
+            logits = model(inputs_embeds=x, position_ids=torch.arange(len(ids))[None]).logits[0, -1].numpy()
+            np.save(os.path.join(out, f"decoder_{name}_logits.npy"), logits.astype(np.float32))
+            # greedy continuation, recomputing the whole sequence each step (no cache subtleties)
+            seq_emb, gen = x, []
+            for _ in range(8):
+                lg = model(inputs_embeds=seq_emb, position_ids=torch.arange(seq_emb.shape[1])[None]).logits[0, -1]
+                t = int(lg.argmax())
+                gen.append(t)
+                seq_emb = torch.cat([seq_emb, emb_layer(torch.tensor([[t]]))], dim=1)
+        res["cases"][name] = {"ids": ids, "greedy": gen}
+    with open(os.path.join(out, "decoder.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="tests/fixtures/nvlm")
@@ -114,6 +226,7 @@ def main():
             print('    "' + "".join(digits[i] + digits[j] for i, j in candidate_grids(1, m)) + '",')
         return
     os.makedirs(args.out, exist_ok=True)
+    make_decoder(args.out)
     rows = []
     for (w, h) in tiling_cases():
         for m in range(1, 13):

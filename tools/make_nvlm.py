@@ -19,6 +19,21 @@ Writes:
                 through bf16 as stored) first-step logits and greedy continuations for a text prompt and for
                 a prompt whose <|vision_pad|> rows are replaced by given embeddings (as NVLM_D_Model does via
                 inputs_embeds), with position_ids 0..L-1 — the 1-D RoPE path vlmd shares with Qwen2.
+  tiny-nvlm/    a tiny full NVLM-D checkpoint (InternViT E=64, 4 heads + NVLM's 7 zero dummy heads, 2 layers,
+                448 tiles / 14 px patches so a tile is still 1025 tokens -> 256 image tokens; Qwen2 text
+                hidden 64 with intermediate 64), built from transformers InternVLForConditionalGeneration
+                (InternViT-style vision config: rms_norm, use_qk_norm, layer scale; Qwen2 text config) by
+                mapping the keys, and vision.json + vision_*.npy: that model's image features
+                (get_image_features) for a 3-tile image, and its logits / greedy tokens for a prompt with them.
+                Differences transformers cannot express, and how they are bridged: NVLM's mlp1 has no biases
+                and its middle width is the LLM intermediate_size (transformers: text hidden_size, biased) ->
+                biases zeroed and intermediate_size == hidden_size in the tiny model; NVLM pads the attention
+                to 25 + 7 heads (qkv / q_norm / k_norm / proj carry dummy channels, QK-norm variance over the
+                real channels only) -> written with zero dummy q/k/v rows and random q_norm / proj dummy
+                entries, which must not change the result; ps_version v1 (transposed) does not exist in
+                transformers (its pixel_shuffle is v2) -> tested against a hand-worked permutation in
+                tests/unit/test_nvlm.c. transformers' vision tower ends in a LayerNorm unless
+                use_mean_pooling is set: set, so it is the identity as in NVLM.
   kOrder        (printed with --print-order) the candidate order table in vision/nvlm_preprocess.c.
 
 The synthetic image is a formula both this script and tests/unit/test_nvlm.c compute:
@@ -215,6 +230,123 @@ def make_decoder(out):
         json.dump(res, f, indent=1)
 
 
+def make_tiny_nvlm(out):
+    import torch
+    from transformers import (InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
+                              Qwen2Config)
+    E, HEADS, D, DUMMY, VF, VL = 64, 4, 16, 7, 128, 2
+    H, PAD = 64, 300
+    vc = InternVLVisionConfig(hidden_size=E, num_attention_heads=HEADS, intermediate_size=VF,
+                              num_hidden_layers=VL, norm_type="rms_norm", use_qk_norm=True,
+                              image_size=[TILE, TILE], patch_size=[14, 14], attention_bias=False,
+                              use_mean_pooling=True, use_absolute_position_embeddings=True,
+                              layer_norm_eps=1e-6, hidden_act="gelu")
+    tc = Qwen2Config(hidden_size=H, intermediate_size=H, num_attention_heads=4, num_key_value_heads=2,
+                     num_hidden_layers=2, vocab_size=320, rms_norm_eps=1e-6, rope_theta=1e6,
+                     max_position_embeddings=32768, tie_word_embeddings=False)
+    cfg = InternVLConfig(vision_config=vc, text_config=tc, image_token_id=PAD, downsample_ratio=0.5,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu")
+    cfg._attn_implementation = "eager"
+    cfg.vision_config._attn_implementation = "eager"
+    cfg.text_config._attn_implementation = "eager"
+    torch.manual_seed(5)
+    model = InternVLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if "rotary" in k or "inv_freq" in k:
+                continue
+            if k.endswith("norm.weight") or "layernorm" in k and k.endswith("weight") or "layer_norm.weight" in k:
+                v.copy_(1 + 0.1 * torch.randn_like(v))
+            elif "lambda" in k:
+                v.copy_(0.5 + 0.2 * torch.randn_like(v))
+            elif "multi_modal_projector.linear" in k and k.endswith("bias"):
+                v.zero_()  # NVLM's mlp1 Linear layers have no bias
+            elif k.endswith("bias"):
+                v.copy_(0.05 * torch.randn_like(v))
+            elif v.dim() >= 2:
+                v.copy_(torch.randn_like(v) / np.sqrt(v[0].numel()))
+            else:
+                v.copy_(0.5 * torch.randn_like(v))
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(9)
+    nv = {}
+    vt = "model.vision_tower."
+    nv["vision_model.embeddings.class_embedding"] = sd[vt + "embeddings.cls_token"].reshape(1, 1, E)
+    nv["vision_model.embeddings.position_embedding"] = sd[vt + "embeddings.position_embeddings"].reshape(1, -1, E)
+    nv["vision_model.embeddings.patch_embedding.weight"] = sd[vt + "embeddings.patch_embeddings.projection.weight"]
+    nv["vision_model.embeddings.patch_embedding.bias"] = sd[vt + "embeddings.patch_embeddings.projection.bias"]
+    QD = (HEADS + DUMMY) * D
+    for l in range(VL):
+        s_, d_ = f"{vt}encoder.layer.{l}.", f"vision_model.encoder.layers.{l}."
+        nv[d_ + "norm1.weight"] = sd[s_ + "layernorm_before.weight"]
+        nv[d_ + "norm2.weight"] = sd[s_ + "layernorm_after.weight"]
+        nv[d_ + "ls1"] = sd[s_ + "lambda_1"]
+        nv[d_ + "ls2"] = sd[s_ + "lambda_2"]
+        qkv = np.zeros((3 * QD, E), np.float32)
+        for i, n in enumerate(("q_proj", "k_proj", "v_proj")):
+            qkv[i * QD: i * QD + E] = sd[s_ + f"attention.{n}.weight"]  # dummy-head rows stay zero
+        nv[d_ + "attn.qkv.weight"] = qkv
+        for n in ("q_norm", "k_norm"):
+            w = rng.standard_normal(QD).astype(np.float32)  # dummy entries: arbitrary, must not matter
+            w[:E] = sd[s_ + f"attention.{n}.weight"]
+            nv[d_ + f"attn.{n}.weight"] = w
+        pw = rng.standard_normal((E, QD)).astype(np.float32)
+        pw[:, :E] = sd[s_ + "attention.projection_layer.weight"]
+        nv[d_ + "attn.proj.weight"] = pw
+        nv[d_ + "attn.proj.bias"] = sd[s_ + "attention.projection_layer.bias"]
+        for n in ("fc1", "fc2"):
+            nv[d_ + f"mlp.{n}.weight"] = sd[s_ + f"mlp.{n}.weight"]
+            nv[d_ + f"mlp.{n}.bias"] = sd[s_ + f"mlp.{n}.bias"]
+    pj = "model.multi_modal_projector."
+    nv["mlp1.0.weight"], nv["mlp1.0.bias"] = sd[pj + "layer_norm.weight"], sd[pj + "layer_norm.bias"]
+    nv["mlp1.1.weight"], nv["mlp1.3.weight"] = sd[pj + "linear_1.weight"], sd[pj + "linear_2.weight"]
+    for k, v in sd.items():
+        if k.startswith("model.language_model."):
+            nv["language_model.model." + k[len("model.language_model."):]] = v
+    nv["language_model.lm_head.weight"] = sd["lm_head.weight"]
+    d = os.path.join(out, "tiny-nvlm")
+    os.makedirs(d, exist_ok=True)
+    write_st(os.path.join(d, "model.safetensors"), {k: (v, "F32") for k, v in nv.items()})
+    c = json.load(open(os.path.join(out, "nvlm-d-72b", "config.json")))
+    c["llm_config"].update(hidden_size=H, intermediate_size=H, num_attention_heads=4, num_key_value_heads=2,
+                           num_hidden_layers=2, vocab_size=320, eos_token_id=301, bos_token_id=301,
+                           torch_dtype="float32")
+    c["torch_dtype"] = "float32"
+    c["image_token_id"] = PAD
+    c["vision_config"].update(hidden_size=E, num_attention_heads=HEADS, intermediate_size=VF, num_hidden_layers=VL)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(c, f, indent=1)
+    # a 3-tile image (2x1 grid + thumbnail) through the NVLM preprocessing, then transformers
+    img = synth_image(900, 448)
+    _, tiles = tiles_of(img, 6)
+    pv = torch.from_numpy(np.stack([to_pixel_values(t) for t in tiles]))
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pv, vision_feature_layer=-1,
+                                               vision_feature_select_strategy="default")
+        feats = getattr(feats, "pooler_output", feats)
+        feats = feats.reshape(-1, H)
+    np.save(os.path.join(out, "vision_embeds_900x448.npy"), feats.numpy().astype(np.float32))
+    ids = [5, 17] + [PAD] * feats.shape[0] + [88, 9]
+    with torch.no_grad():
+        x = model.get_input_embeddings()(torch.tensor([ids]))
+        x[0, torch.tensor(ids) == PAD] = feats
+        lm = model.model.language_model
+        def logits_of(e):
+            hs = lm(inputs_embeds=e, position_ids=torch.arange(e.shape[1])[None]).last_hidden_state
+            return model.lm_head(hs)[0, -1]
+        lg = logits_of(x)
+        np.save(os.path.join(out, "vision_logits_900x448.npy"), lg.numpy().astype(np.float32))
+        gen, e = [], x
+        for _ in range(8):
+            t = int(logits_of(e).argmax())
+            gen.append(t)
+            e = torch.cat([e, model.get_input_embeddings()(torch.tensor([[t]]))], dim=1)
+    with open(os.path.join(out, "vision.json"), "w") as f:
+        json.dump({"made_by": "tools/make_nvlm.py", "image": [900, 448], "n_tiles": len(tiles),
+                   "ids": ids, "greedy": gen}, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="tests/fixtures/nvlm")
@@ -227,6 +359,7 @@ def main():
         return
     os.makedirs(args.out, exist_ok=True)
     make_decoder(args.out)
+    make_tiny_nvlm(args.out)
     rows = []
     for (w, h) in tiling_cases():
         for m in range(1, 13):

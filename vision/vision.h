@@ -79,6 +79,15 @@ vlm_status vlm_nvlm_tile_grid(int width, int height, int min_tiles, int max_tile
 vlm_status vlm_nvlm_preprocess(const vlm_model_config *cfg, const vlm_image *img, vlm_pixels *out,
                                char *err, size_t errlen);
 
+/* NVLM-D's InternViT + pixel shuffle + mlp1 (vision/internvit.c). Weights `vision_model.*`, `mlp1.*`
+ * from the model's checkpoint. Read-only after load; encode is re-entrant.
+ * out: [px->n_tokens, cfg->hidden], caller-allocated; px from vlm_nvlm_preprocess. */
+typedef struct vlm_internvit vlm_internvit;
+vlm_status vlm_internvit_load(const vlm_model *m, vlm_internvit **out, char *err, size_t errlen);
+void vlm_internvit_free(vlm_internvit *v);
+vlm_status vlm_internvit_encode(const vlm_internvit *v, const vlm_pixels *px, float *out, char *err,
+                                size_t errlen);
+
 /* The Qwen2-VL vision transformer + PatchMerger. Weights are read from the model's checkpoint
  * (both `visual.*` and `model.visual.*` namings). Read-only after load; encode is re-entrant. */
 typedef struct vlm_vit vlm_vit;

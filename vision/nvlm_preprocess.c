@@ -127,3 +127,31 @@ vlm_status vlm_nvlm_preprocess(const vlm_model_config *cfg, const vlm_image *img
     out->n_tokens = (int64_t)n * cfg->nvlm.tokens_per_tile;
     return VLM_OK;
 }
+
+/* The text that replaces one `<image>` in NVLM_D_Model.chat(): "<Image>", then for each tile but the last
+ * "<tile_k>" (k = 1..n-1) and for the last "<tile_global_thumbnail>", each followed by tokens_per_tile
+ * copies of the context token, then "</Image>". The source tags the last tile as the thumbnail even when the
+ * image is a single tile without a thumbnail. Returns the length written (excluding the NUL), or the length
+ * needed when cap is too small (out then holds a truncated, NUL-terminated prefix). */
+size_t vlm_nvlm_image_text(int n_tiles, int tokens_per_tile, const char *ctx_token, char *out, size_t cap) {
+    size_t n = 0;
+#define PUT(s)                                                   \
+    do {                                                         \
+        const char *s_ = (s);                                    \
+        size_t l_ = strlen(s_);                                  \
+        if (out && n + l_ < cap) memcpy(out + n, s_, l_);        \
+        n += l_;                                                 \
+    } while (0)
+    PUT("<Image>");
+    for (int k = 1; k <= n_tiles; k++) {
+        char tag[32];
+        if (k < n_tiles) snprintf(tag, sizeof tag, "<tile_%d>", k);
+        else snprintf(tag, sizeof tag, "<tile_global_thumbnail>");
+        PUT(tag);
+        for (int t = 0; t < tokens_per_tile; t++) PUT(ctx_token);
+    }
+    PUT("</Image>");
+#undef PUT
+    if (out && cap) out[n < cap ? n : cap - 1] = 0;
+    return n;
+}

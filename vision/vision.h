@@ -79,6 +79,12 @@ vlm_status vlm_nvlm_tile_grid(int width, int height, int min_tiles, int max_tile
 vlm_status vlm_nvlm_preprocess(const vlm_model_config *cfg, const vlm_image *img, vlm_pixels *out,
                                char *err, size_t errlen);
 
+/* NVLM-D prompt text for one image of n_tiles tiles (modeling_nvlm_d.py chat()): "<Image><tile_1>CTX...
+ * <tile_global_thumbnail>CTX...</Image>", tokens_per_tile CTX copies per tag. Returns the length; writes
+ * at most cap bytes including the NUL (out may be NULL to measure). Tokenize the whole prompt after the
+ * substitution, as the source does: "<Image><tile" does not split on the tag boundaries. */
+size_t vlm_nvlm_image_text(int n_tiles, int tokens_per_tile, const char *ctx_token, char *out, size_t cap);
+
 /* NVLM-D's InternViT + pixel shuffle + mlp1 (vision/internvit.c). Weights `vision_model.*`, `mlp1.*`
  * from the model's checkpoint. Read-only after load; encode is re-entrant.
  * out: [px->n_tokens, cfg->hidden], caller-allocated; px from vlm_nvlm_preprocess. */

@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "runtime/rt_internal.h" /* vlm_config_parse: config only, no weights needed */
 #include "tests/unit/npy_read.h"
@@ -356,6 +357,85 @@ done:
     vlm_model_free(m);
 }
 
+/* Hand-worked from modeling_nvlm_d.py chat(): tiles 1..n-1 get <tile_k>, the last one
+ * <tile_global_thumbnail>, also for a single tile. */
+static void test_image_text(void) {
+    char buf[256];
+    size_t n = vlm_nvlm_image_text(3, 2, "P", buf, sizeof buf);
+    CHECK(!strcmp(buf, "<Image><tile_1>PP<tile_2>PP<tile_global_thumbnail>PP</Image>"));
+    CHECK_EQ_INT(n, strlen(buf));
+    vlm_nvlm_image_text(1, 1, "<|vision_pad|>", buf, sizeof buf);
+    CHECK(!strcmp(buf, "<Image><tile_global_thumbnail><|vision_pad|></Image>"));
+    size_t need = vlm_nvlm_image_text(7, 256, "<|vision_pad|>", NULL, 0);
+    CHECK_EQ_INT(need, strlen("<Image></Image>") + 6 * strlen("<tile_k>") + strlen("<tile_global_thumbnail>") +
+                           7 * 256 * strlen("<|vision_pad|>"));
+    CHECK_EQ_INT(vlm_nvlm_image_text(3, 2, "P", buf, 10), n);
+    CHECK(strlen(buf) < 10);
+}
+
+/* ps_version v1 (the source warns it leaves the grid transposed; transformers only has v2): with the same
+ * weights, v1 token (b2*16 + a2) must equal v2 token (a2*16 + b2). The checkpoint is reused through a
+ * temporary directory whose config.json says "v1". */
+static void test_pixel_shuffle_v1(void) {
+    char dir[] = "/tmp/vlmd_nvlm_v1_XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    char path[512], target[512];
+    cJSON *c = load_json(FIX "/tiny-nvlm/config.json");
+    CHECK(c != NULL);
+    if (!c) return;
+    cJSON_ReplaceItemInObject(c, "ps_version", cJSON_CreateString("v1"));
+    char *txt = cJSON_Print(c);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "w");
+    fputs(txt, f);
+    fclose(f);
+    free(txt);
+    cJSON_Delete(c);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    CHECK(realpath(FIX "/tiny-nvlm/model.safetensors", target) != NULL);
+    CHECK(symlink(target, path) == 0);
+    char err[512];
+    vlm_load_opts o = {.threads = 2};
+    vlm_model *m1 = NULL, *m2 = NULL;
+    vlm_internvit *v1 = NULL, *v2 = NULL;
+    CHECKF(vlm_model_load(dir, &o, &m1, err, sizeof err) == VLM_OK, "%s", err);
+    CHECKF(vlm_model_load(FIX "/tiny-nvlm", &o, &m2, err, sizeof err) == VLM_OK, "%s", err);
+    if (m1 && m2) {
+        CHECK_EQ_INT(vlm_model_cfg(m1)->nvlm.ps_version, 1);
+        CHECK(vlm_internvit_load(m1, &v1, err, sizeof err) == VLM_OK);
+        CHECK(vlm_internvit_load(m2, &v2, err, sizeof err) == VLM_OK);
+        vlm_image img;
+        synth(448, 448, &img); /* one tile */
+        vlm_pixels px;
+        CHECK(vlm_nvlm_preprocess(vlm_model_cfg(m2), &img, &px, err, sizeof err) == VLM_OK);
+        vlm_img_free(&img);
+        int H = vlm_model_cfg(m2)->hidden;
+        float *e1 = malloc(sizeof(float) * 256 * (size_t)H), *e2 = malloc(sizeof(float) * 256 * (size_t)H);
+        CHECK(vlm_internvit_encode(v1, &px, e1, err, sizeof err) == VLM_OK);
+        CHECK(vlm_internvit_encode(v2, &px, e2, err, sizeof err) == VLM_OK);
+        int bad = 0, same_pos = 0;
+        for (int a2 = 0; a2 < 16; a2++)
+            for (int b2 = 0; b2 < 16; b2++) {
+                bad += memcmp(e1 + (size_t)(b2 * 16 + a2) * H, e2 + (size_t)(a2 * 16 + b2) * H, sizeof(float) * H) != 0;
+                same_pos += a2 != b2 && !memcmp(e1 + (size_t)(a2 * 16 + b2) * H, e2 + (size_t)(a2 * 16 + b2) * H,
+                                                sizeof(float) * H);
+            }
+        CHECK_EQ_INT(bad, 0);
+        CHECK_EQ_INT(same_pos, 0); /* the two versions really differ off the diagonal */
+        free(e1);
+        free(e2);
+        vlm_pixels_free(&px);
+    }
+    vlm_internvit_free(v1);
+    vlm_internvit_free(v2);
+    vlm_model_free(m1);
+    vlm_model_free(m2);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    unlink(path);
+    rmdir(dir);
+}
+
 int main(void) {
     RUN(test_config_nvlm_d_72b);
     RUN(test_tiling_decisions);
@@ -363,5 +443,7 @@ int main(void) {
     RUN(test_pixel_values);
     RUN(test_decoder_vs_transformers);
     RUN(test_tiny_nvlm_vision);
+    RUN(test_image_text);
+    RUN(test_pixel_shuffle_v1);
     TEST_MAIN_END("nvlm");
 }

@@ -39,6 +39,9 @@ Writes:
 The synthetic image is a formula both this script and tests/unit/test_nvlm.c compute:
   rgb[y][x][c] = (7x + 13y + 50c + 3((x*y) mod 31)) mod 256
 Usage: nice -n 15 python3 tools/make_nvlm.py --out tests/fixtures/nvlm
+       nice -n 15 python3 tools/make_nvlm.py --bench-model build/models/nvlm-bench   (numpy only: a
+       scaled-down InternViT — hidden 640, 5 heads + 7 dummy, 4 layers, MLP 2560, 448 tiles — with a
+       2-layer hidden-512 Qwen2 decoder, bf16, random weights, for bench/nvlm.c)
 """
 import argparse
 import json
@@ -347,11 +350,74 @@ def make_tiny_nvlm(out):
                    "ids": ids, "greedy": gen}, f, indent=1)
 
 
+def make_bench_model(d):
+    rng = np.random.default_rng(1)
+    E, HEADS, DUMMY, VF, VL, H, F, V = 640, 5, 7, 2560, 4, 512, 1536, 4096
+    D = E // HEADS
+    QD = (HEADS + DUMMY) * D
+    t = {}
+    def w(name, *shape, scale=None, base=0.0, dt="BF16"):
+        sc = scale if scale is not None else 1 / np.sqrt(shape[-1])
+        t[name] = ((base + sc * rng.standard_normal(shape)).astype(np.float32), dt)
+    w("vision_model.embeddings.class_embedding", 1, 1, E, scale=0.5, dt="F32")
+    w("vision_model.embeddings.position_embedding", 1, 1025, E, scale=0.5, dt="F32")
+    w("vision_model.embeddings.patch_embedding.weight", E, 3, 14, 14)
+    w("vision_model.embeddings.patch_embedding.bias", E, scale=0.05, dt="F32")
+    for l in range(VL):
+        p = f"vision_model.encoder.layers.{l}."
+        for n in ("norm1.weight", "norm2.weight"):
+            w(p + n, E, scale=0.1, base=1.0, dt="F32")
+        for n in ("ls1", "ls2"):
+            w(p + n, E, scale=0.1, base=0.5, dt="F32")
+        w(p + "attn.qkv.weight", 3 * QD, E)
+        for n in ("attn.q_norm.weight", "attn.k_norm.weight"):
+            w(p + n, QD, scale=0.1, base=1.0, dt="F32")
+        w(p + "attn.proj.weight", E, QD)
+        w(p + "attn.proj.bias", E, scale=0.05, dt="F32")
+        w(p + "mlp.fc1.weight", VF, E)
+        w(p + "mlp.fc1.bias", VF, scale=0.05, dt="F32")
+        w(p + "mlp.fc2.weight", E, VF)
+        w(p + "mlp.fc2.bias", E, scale=0.05, dt="F32")
+    w("mlp1.0.weight", 4 * E, scale=0.1, base=1.0, dt="F32")
+    w("mlp1.0.bias", 4 * E, scale=0.05, dt="F32")
+    w("mlp1.1.weight", F, 4 * E)
+    w("mlp1.3.weight", H, F)
+    lm = "language_model.model."
+    w(lm + "embed_tokens.weight", V, H, scale=0.5)
+    w(lm + "norm.weight", H, scale=0.1, base=1.0, dt="F32")
+    w("language_model.lm_head.weight", V, H)
+    for l in range(2):
+        p = f"{lm}layers.{l}."
+        w(p + "input_layernorm.weight", H, scale=0.1, base=1.0, dt="F32")
+        w(p + "post_attention_layernorm.weight", H, scale=0.1, base=1.0, dt="F32")
+        for n, o in (("q", H), ("k", 128), ("v", 128)):
+            w(p + f"self_attn.{n}_proj.weight", o, H)
+            w(p + f"self_attn.{n}_proj.bias", o, scale=0.05, dt="F32")
+        w(p + "self_attn.o_proj.weight", H, H)
+        w(p + "mlp.gate_proj.weight", F, H)
+        w(p + "mlp.up_proj.weight", F, H)
+        w(p + "mlp.down_proj.weight", H, F)
+    os.makedirs(d, exist_ok=True)
+    write_st(os.path.join(d, "model.safetensors"), t)
+    here = os.path.dirname(os.path.abspath(__file__))
+    c = json.load(open(os.path.join(here, "..", "tests", "fixtures", "nvlm", "nvlm-d-72b", "config.json")))
+    c["llm_config"].update(hidden_size=H, intermediate_size=F, num_attention_heads=4, num_key_value_heads=1,
+                           num_hidden_layers=2, vocab_size=V, eos_token_id=V - 1, bos_token_id=V - 1)
+    c["image_token_id"] = V - 2
+    c["vision_config"].update(hidden_size=E, num_attention_heads=HEADS, intermediate_size=VF, num_hidden_layers=VL)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(c, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="tests/fixtures/nvlm")
     ap.add_argument("--print-order", action="store_true")
+    ap.add_argument("--bench-model", metavar="DIR", help="write only the scaled-down bench model to DIR")
     args = ap.parse_args()
+    if args.bench_model:
+        make_bench_model(args.bench_model)
+        return
     if args.print_order:
         digits = "0123456789abc"
         for m in range(1, 13):

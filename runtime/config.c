@@ -45,10 +45,71 @@ static cJSON *read_json(const char *dir, const char *name, bool required, vlm_st
 
 static const cJSON *get(const cJSON *o, const char *k) { return o ? cJSON_GetObjectItemCaseSensitive(o, k) : NULL; }
 
-/* text key lookup: text_config.<k>, else top-level <k> */
+/* text key lookup: text_config.<k> (Qwen2-VL new layout), llm_config.<k> (NVLM-D), else top-level <k> */
 static const cJSON *tkey(const cJSON *root, const char *k) {
     const cJSON *v = get(get(root, "text_config"), k);
+    if (!v) v = get(get(root, "llm_config"), k);
     return v ? v : get(root, k);
+}
+
+static bool num(const cJSON *j, double *out);
+static int opt_int(const cJSON *o, const char *k, int def);
+
+static bool names_arch(const cJSON *archs, const char *name) {
+    if (!cJSON_IsArray(archs)) return false;
+    for (const cJSON *x = archs->child; x; x = x->next)
+        if (cJSON_IsString(x) && !strcmp(x->valuestring, name)) return true;
+    return false;
+}
+
+/* NVLM-D top-level keys + InternViT vision_config. Defaults are NVLM_D_Config's class defaults; the
+ * shipped nvidia/NVLM-D-72B config.json overrides ps_version "v2" and use_thumbnail true. */
+static vlm_status parse_nvlm(const cJSON *root, vlm_model_config *c, const char *dir, char *err, size_t errlen) {
+    const cJSON *llm = get(root, "llm_config");
+    /* the shipped llm_config says model_type "llama" next to Qwen2ForCausalLM: the modeling code picks the
+     * class from architectures[0], so do we */
+    if (!cJSON_IsObject(llm) || !names_arch(get(llm, "architectures"), "Qwen2ForCausalLM"))
+        return vlm_errf(err, errlen, VLM_E_UNSUPPORTED,
+                        "%s/config.json: NVLM-D llm_config must name architectures [\"Qwen2ForCausalLM\"]", dir);
+    double d;
+    c->nvlm.image_size = opt_int(root, "force_image_size", 0);
+    const cJSON *vc = get(root, "vision_config");
+    if (c->nvlm.image_size <= 0) c->nvlm.image_size = opt_int(vc, "image_size", 448);
+    c->nvlm.min_tiles = opt_int(root, "min_dynamic_patch", 1);
+    c->nvlm.max_tiles = opt_int(root, "max_dynamic_patch", 6);
+    const cJSON *th = get(root, "use_thumbnail");
+    c->nvlm.use_thumbnail = th ? cJSON_IsTrue(th) : false;
+    const cJSON *dy = get(root, "dynamic_image_size");
+    c->nvlm.dynamic_image_size = dy ? cJSON_IsTrue(dy) : false;
+    const cJSON *ps = get(root, "ps_version");
+    const char *psv = cJSON_IsString(ps) ? ps->valuestring : "v1";
+    if (!strcmp(psv, "v1")) c->nvlm.ps_version = 1;
+    else if (!strcmp(psv, "v2")) c->nvlm.ps_version = 2;
+    else return vlm_errf(err, errlen, VLM_E_UNSUPPORTED, "%s/config.json: ps_version \"%s\" (v1, v2)", dir, psv);
+    c->nvlm.select_layer = num(get(root, "select_layer"), &d) ? (int)d : -1;
+    c->nvlm.downsample_ratio = num(get(root, "downsample_ratio"), &d) ? (float)d : 0.5f;
+    c->nvlm.vit_layers = opt_int(vc, "num_hidden_layers", 45);
+    c->nvlm.vit_hidden = opt_int(vc, "hidden_size", 3200);
+    c->nvlm.vit_heads = opt_int(vc, "num_attention_heads", 25);
+    c->nvlm.vit_intermediate = opt_int(vc, "intermediate_size", 12800);
+    c->nvlm.vit_patch = opt_int(vc, "patch_size", 14);
+    c->nvlm.vit_norm_eps = num(get(vc, "layer_norm_eps"), &d) ? (float)d : 1e-6f;
+    const cJSON *nt = get(vc, "norm_type");
+    c->nvlm.vit_rms_norm = !cJSON_IsString(nt) || !strcmp(nt->valuestring, "rms_norm");
+    c->nvlm.vit_qk_norm = cJSON_IsTrue(get(vc, "qk_normalization"));
+    c->nvlm.vit_qkv_bias = cJSON_IsTrue(get(vc, "qkv_bias"));
+    const int S = c->nvlm.image_size, P = c->nvlm.vit_patch;
+    /* only the 0.5 shuffle (2x2 patches -> 1 token) is implemented; the modeling code would accept others */
+    if (c->nvlm.downsample_ratio != 0.5f)
+        return vlm_errf(err, errlen, VLM_E_UNSUPPORTED, "%s/config.json: downsample_ratio %g (only 0.5)", dir,
+                        (double)c->nvlm.downsample_ratio);
+    if (S <= 0 || P <= 0 || S % P || (S / P) % 2 || c->nvlm.min_tiles < 1 || c->nvlm.max_tiles < c->nvlm.min_tiles ||
+        c->nvlm.vit_layers <= 0 || c->nvlm.vit_hidden <= 0 || c->nvlm.vit_heads <= 0 ||
+        c->nvlm.vit_hidden % c->nvlm.vit_heads || c->nvlm.vit_intermediate <= 0 ||
+        c->nvlm.select_layer >= c->nvlm.vit_layers || c->nvlm.select_layer < -c->nvlm.vit_layers)
+        return vlm_errf(err, errlen, VLM_E_FORMAT, "%s/config.json: inconsistent NVLM-D vision settings", dir);
+    c->nvlm.tokens_per_tile = (S / P / 2) * (S / P / 2);
+    return VLM_OK;
 }
 
 static bool num(const cJSON *j, double *out) {
@@ -90,9 +151,10 @@ vlm_status vlm_config_parse(const char *dir, vlm_model_config *c, vlm_gen_defaul
     const char *model_type = cJSON_IsString(mt) ? mt->valuestring : "";
     if (!strcmp(model_type, "qwen2_vl")) c->arch = VLM_ARCH_QWEN2_VL;
     else if (!strcmp(model_type, "qwen2")) c->arch = VLM_ARCH_QWEN2;
+    else if (!strcmp(model_type, "NVLM_D") || names_arch(get(root, "architectures"), "NVLM_D")) c->arch = VLM_ARCH_NVLM_D;
     else {
         cJSON_Delete(root);
-        return vlm_errf(err, errlen, VLM_E_UNSUPPORTED, "%s/config.json: model_type \"%s\" is not supported (qwen2_vl, qwen2)",
+        return vlm_errf(err, errlen, VLM_E_UNSUPPORTED, "%s/config.json: model_type \"%s\" is not supported (qwen2_vl, qwen2, NVLM_D)",
                         dir, model_type);
     }
     if ((st = need_int(root, "hidden_size", &c->hidden, dir, err, errlen)) ||
@@ -143,7 +205,11 @@ vlm_status vlm_config_parse(const char *dir, vlm_model_config *c, vlm_gen_defaul
     const cJSON *ty = get(rs, "type");
     if (!ty) ty = get(rs, "rope_type");
     if (!ty) ty = get(rp, "rope_type");
-    if (cJSON_IsString(ty) && strcmp(ty->valuestring, "mrope") && strcmp(ty->valuestring, "default")) {
+    /* NVLM-D's llm_config carries {"type": "dynamic", "factor": 3.0}: transformers' dynamic NTK scaling changes
+     * inv_freq only once a sequence grows past max_position_embeddings, which the engine never allows (context
+     * is capped at max_position), so it is plain RoPE here. */
+    bool dyn_ok = c->arch == VLM_ARCH_NVLM_D && cJSON_IsString(ty) && !strcmp(ty->valuestring, "dynamic");
+    if (cJSON_IsString(ty) && strcmp(ty->valuestring, "mrope") && strcmp(ty->valuestring, "default") && !dyn_ok) {
         cJSON_Delete(root);
         return vlm_errf(err, errlen, VLM_E_UNSUPPORTED, "%s/config.json: rope type \"%s\" not supported", dir,
                         ty->valuestring);
@@ -173,8 +239,17 @@ vlm_status vlm_config_parse(const char *dir, vlm_model_config *c, vlm_gen_defaul
 
     /* vision tower: class defaults of SPEC §A.3, overridden by whatever the file carries */
     const cJSON *vc = get(root, "vision_config");
-    c->has_vision = c->arch == VLM_ARCH_QWEN2_VL;
-    if (c->has_vision) {
+    c->has_vision = c->arch == VLM_ARCH_QWEN2_VL || c->arch == VLM_ARCH_NVLM_D;
+    if (c->arch == VLM_ARCH_NVLM_D) {
+        if ((st = parse_nvlm(root, c, dir, err, errlen))) {
+            cJSON_Delete(root);
+            return st;
+        }
+        /* IMG_CONTEXT is <|vision_pad|> (modeling_nvlm_d.py chat()); 151654 in the Qwen2 vocabulary. The
+         * server looks the id up in the tokenizer; this is the fallback. <Image>/</Image> are plain text. */
+        c->image_token_id = opt_int(root, "image_token_id", 151654);
+        c->video_token_id = c->vision_start_id = c->vision_end_id = -1;
+    } else if (c->has_vision) {
         vlm_vision_config *v = &c->vision;
         v->depth = opt_int(vc, "depth", 32);
         v->embed_dim = opt_int(vc, "embed_dim", 1280);
@@ -227,8 +302,12 @@ vlm_status vlm_config_parse(const char *dir, vlm_model_config *c, vlm_gen_defaul
     c->max_pixels = 28 * 28 * 1280;
     static const float mean[3] = {0.48145466f, 0.4578275f, 0.40821073f};
     static const float stdv[3] = {0.26862954f, 0.26130258f, 0.27577711f};
-    memcpy(c->image_mean, mean, sizeof mean);
-    memcpy(c->image_std, stdv, sizeof stdv);
+    /* NVLM-D: IMAGENET_MEAN/STD of the model card's build_transform; it ships no preprocessor_config.json */
+    static const float in_mean[3] = {0.485f, 0.456f, 0.406f};
+    static const float in_std[3] = {0.229f, 0.224f, 0.225f};
+    bool nv = c->arch == VLM_ARCH_NVLM_D;
+    memcpy(c->image_mean, nv ? in_mean : mean, sizeof mean);
+    memcpy(c->image_std, nv ? in_std : stdv, sizeof stdv);
     cJSON *pj = read_json(dir, "preprocessor_config.json", false, &st, err, errlen);
     if (st) return st;
     if (pj) {

@@ -75,6 +75,8 @@ vlm_status vlm_model_load(const char *dir, const vlm_load_opts *opts, vlm_model 
     if (!m->owned || !m->w.layers) { vlm_model_free(m); return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory"); }
     binder b = {m, "model.language_model.", opts->convert_f32, cap, err, errlen};
     if (!vlm_ckpt_find(m->ckpt, "model.language_model.embed_tokens.weight")) b.prefix = "model.";
+    /* NVLM-D: NVLM_D_Model.language_model is a Qwen2ForCausalLM -> language_model.model.* / language_model.lm_head */
+    if (c->arch == VLM_ARCH_NVLM_D) b.prefix = "language_model.model.";
     int64_t H = c->hidden, q = (int64_t)c->n_heads * c->head_dim, kv = (int64_t)c->n_kv_heads * c->head_dim;
     int64_t F = c->intermediate;
     st = bind(&b, "embed_tokens.weight", c->vocab, H, &m->w.embed);
@@ -108,7 +110,7 @@ vlm_status vlm_model_load(const char *dir, const vlm_load_opts *opts, vlm_model 
                 fprintf(stderr, "vlmd: warning: %s: tie_word_embeddings is true but lm_head.weight differs from "
                                 "embed_tokens; using embed_tokens (as transformers does)\n", dir);
         } else {
-            b.prefix = "";
+            b.prefix = c->arch == VLM_ARCH_NVLM_D ? "language_model." : "";
             st = bind(&b, "lm_head.weight", c->vocab, H, &m->w.lm_head);
         }
     }

@@ -112,6 +112,21 @@ typedef struct {
     vlm_dtype weight_dtype;  /* dtype the decoder weights are stored in */
     bool has_vision;
     vlm_vision_config vision;
+    /* NVLM-D only (arch VLM_ARCH_NVLM_D; zero otherwise): top-level keys of its config.json and the
+     * InternViT `vision_config` (docs/nvlm.md lists where each value comes from). */
+    struct {
+        int image_size;            /* force_image_size (448): tile side in pixels */
+        int min_tiles, max_tiles;  /* min_dynamic_patch, max_dynamic_patch */
+        bool use_thumbnail, dynamic_image_size;
+        int ps_version;            /* pixel shuffle: 1 leaves the grid transposed, 2 swaps back */
+        int select_layer;          /* -1: last layer */
+        float downsample_ratio;    /* 0.5 */
+        int tokens_per_tile;       /* (image_size/patch)^2 * ratio^2 = 256 */
+        /* InternViT */
+        int vit_layers, vit_hidden, vit_heads, vit_intermediate, vit_patch;
+        float vit_norm_eps;
+        bool vit_rms_norm, vit_qk_norm, vit_qkv_bias;
+    } nvlm;
     /* image preprocessing from preprocessor_config.json (class defaults when absent) */
     int64_t min_pixels, max_pixels;
     float image_mean[3], image_std[3];

@@ -67,6 +67,33 @@ vlm_status vlm_qwen_preprocess(const vlm_model_config *cfg, const vlm_image *img
                                const vlm_pp_opts *opts, vlm_pixels *out, char *err, size_t errlen);
 void vlm_pixels_free(vlm_pixels *p);
 
+/* NVLM-D dynamic tiling (docs/nvlm.md): the (cols, rows) grid the source's find_closest_aspect_ratio picks,
+ * including its candidate order and tie-break. Supports min_tiles 1 and max_tiles 1..12 (VLM_E_UNSUPPORTED
+ * otherwise). */
+vlm_status vlm_nvlm_tile_grid(int width, int height, int min_tiles, int max_tiles, int image_size,
+                              int *cols, int *rows, char *err, size_t errlen);
+/* NVLM-D preprocessing: out->pixel_values [n_tiles, 3, S, S] (grid tiles row-major, then the thumbnail
+ * when use_thumbnail and more than one tile), out->n_patches = n_tiles, out->patch_dim = 3*S*S,
+ * out->n_tokens = n_tiles * tokens_per_tile, grid_thw {1, n_tiles*S/P/2, S/P/2}. Note: alpha is composited
+ * by vlm_img_decode; NVLM's own load_image uses PIL convert('RGB'), which drops it. */
+vlm_status vlm_nvlm_preprocess(const vlm_model_config *cfg, const vlm_image *img, vlm_pixels *out,
+                               char *err, size_t errlen);
+
+/* NVLM-D prompt text for one image of n_tiles tiles (modeling_nvlm_d.py chat()): "<Image><tile_1>CTX...
+ * <tile_global_thumbnail>CTX...</Image>", tokens_per_tile CTX copies per tag. Returns the length; writes
+ * at most cap bytes including the NUL (out may be NULL to measure). Tokenize the whole prompt after the
+ * substitution, as the source does: "<Image><tile" does not split on the tag boundaries. */
+size_t vlm_nvlm_image_text(int n_tiles, int tokens_per_tile, const char *ctx_token, char *out, size_t cap);
+
+/* NVLM-D's InternViT + pixel shuffle + mlp1 (vision/internvit.c). Weights `vision_model.*`, `mlp1.*`
+ * from the model's checkpoint. Read-only after load; encode is re-entrant.
+ * out: [px->n_tokens, cfg->hidden], caller-allocated; px from vlm_nvlm_preprocess. */
+typedef struct vlm_internvit vlm_internvit;
+vlm_status vlm_internvit_load(const vlm_model *m, vlm_internvit **out, char *err, size_t errlen);
+void vlm_internvit_free(vlm_internvit *v);
+vlm_status vlm_internvit_encode(const vlm_internvit *v, const vlm_pixels *px, float *out, char *err,
+                                size_t errlen);
+
 /* The Qwen2-VL vision transformer + PatchMerger. Weights are read from the model's checkpoint
  * (both `visual.*` and `model.visual.*` namings). Read-only after load; encode is re-entrant. */
 typedef struct vlm_vit vlm_vit;

@@ -171,3 +171,62 @@ extern "C" vlm_status vlm_cuda_argmax(int32_t *out, const float *logits, int row
     CU_LAUNCHED(k_argmax);
     return VLM_OK;
 }
+
+// One block per (row, head); thread j handles the frequency pair (j, j + hd/2).
+static __global__ void k_rope(float *x, int heads, int hd, const int64_t *pos3, const float *inv_freq, int sec0,
+                              int sec1) {
+    int r = blockIdx.x / heads, h = blockIdx.x % heads, half = hd / 2;
+    float *v = x + ((int64_t)r * heads + h) * hd;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        int st = j < sec0 ? 0 : j < sec0 + sec1 ? 1 : 2;
+        float ang = (float)pos3[(int64_t)r * 3 + st] * inv_freq[j];
+        float cs = cosf(ang), sn = sinf(ang);
+        float a = v[j], b = v[j + half];
+        v[j] = a * cs - b * sn;
+        v[j + half] = b * cs + a * sn;
+    }
+}
+
+extern "C" vlm_status vlm_cuda_rope(float *x, int rows, int heads, int hd, const int64_t *pos3,
+                                    const float *inv_freq, int sec0, int sec1, char *err, size_t errlen) {
+    if (rows <= 0 || heads <= 0 || hd < 2) return VLM_OK;
+    k_rope<<<(unsigned)((int64_t)rows * heads), 64>>>(x, heads, hd, pos3, inv_freq, sec0, sec1);
+    CU_LAUNCHED(k_rope);
+    return VLM_OK;
+}
+
+static __device__ float block_max(float v) {
+    __shared__ float warp_part[32];
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    if (lane == 0) warp_part[wid] = v;
+    __syncthreads();
+    int nw = blockDim.x >> 5;
+    v = (threadIdx.x < nw) ? warp_part[threadIdx.x] : -INFINITY;
+    if (wid == 0)
+        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __shared__ float total;
+    if (threadIdx.x == 0) total = v;
+    __syncthreads();
+    return total;
+}
+
+static __global__ void k_softmax(float *x, int n) {
+    float *xr = x + (int64_t)blockIdx.x * n;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, xr[i]);
+    m = block_max(m);
+    __syncthreads(); // block_sum reuses its own shared slots; keep the two reductions apart
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { float e = expf(xr[i] - m); xr[i] = e; s += e; }
+    s = block_sum(s);
+    float inv = 1.0f / s;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] *= inv;
+}
+
+extern "C" vlm_status vlm_cuda_softmax(float *x, int rows, int n, char *err, size_t errlen) {
+    if (rows <= 0 || n <= 0) return VLM_OK;
+    k_softmax<<<rows, 256>>>(x, n);
+    CU_LAUNCHED(k_softmax);
+    return VLM_OK;
+}

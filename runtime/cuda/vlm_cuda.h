@@ -37,6 +37,13 @@ vlm_status vlm_cuda_add(float *x, const float *r, int64_t n, char *err, size_t e
 /* out[r] = argmax_j logits[r, j] (lowest index on ties, like the CPU sampler), r < rows. */
 vlm_status vlm_cuda_argmax(int32_t *out, const float *logits, int rows, int vocab, char *err,
                            size_t errlen);
+/* Rotate-half RoPE in place on x[rows, heads, hd] (same math as runtime/engine.c's rope_head): frequency
+ * j < hd/2 uses position pos3[r*3 + s] with s = 0 for j < sec0, 1 for j < sec0+sec1, else 2 (M-RoPE);
+ * 1-D RoPE is sec0 = hd/2, sec1 = 0 with any pos3 whose first entry is the position. inv_freq[hd/2] f32. */
+vlm_status vlm_cuda_rope(float *x, int rows, int heads, int hd, const int64_t *pos3, const float *inv_freq,
+                         int sec0, int sec1, char *err, size_t errlen);
+/* In-place numerically stable softmax over each row of x[rows, n]. */
+vlm_status vlm_cuda_softmax(float *x, int rows, int n, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

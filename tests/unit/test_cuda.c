@@ -116,6 +116,69 @@ static void test_argmax(void) {
     free(l);
 }
 
+/* M-RoPE with Qwen2-VL's section split scaled down, GQA-like head counts, odd row count. */
+static void test_rope(void) {
+    const int rows = 13, heads = 3, hd = 80, half = hd / 2, sec0 = 8, sec1 = 16; /* sec2 = 16 */
+    const size_t nx = (size_t)rows * heads * hd;
+    float *x = malloc(sizeof(float) * nx), *ref = malloc(sizeof(float) * nx), *got = malloc(sizeof(float) * nx);
+    float inv_freq[40];
+    int64_t pos3[13 * 3];
+    for (int j = 0; j < half; j++) inv_freq[j] = 1.0f / powf(1000000.0f, (float)(2 * j) / (float)hd);
+    for (int r = 0; r < rows; r++)
+        for (int k = 0; k < 3; k++) pos3[r * 3 + k] = 5 + r * (k + 1) + (r > 6 ? 3000 : 0);
+    for (size_t i = 0; i < nx; i++) ref[i] = x[i] = frand();
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < heads; h++) {
+            float *v = ref + ((size_t)r * heads + h) * hd;
+            for (int j = 0; j < half; j++) {
+                int st = j < sec0 ? 0 : j < sec0 + sec1 ? 1 : 2;
+                double ang = (double)((float)pos3[r * 3 + st] * inv_freq[j]);
+                double a = v[j], b = v[j + half];
+                v[j] = (float)(a * cos(ang) - b * sin(ang));
+                v[j + half] = (float)(b * cos(ang) + a * sin(ang));
+            }
+        }
+    float *dx = dup_to_dev(x, sizeof(float) * nx), *df = dup_to_dev(inv_freq, sizeof inv_freq);
+    int64_t *dp = dup_to_dev(pos3, sizeof pos3);
+    CHECK(dx && df && dp);
+    if (dx && df && dp) {
+        CK(vlm_cuda_rope(dx, rows, heads, hd, dp, df, sec0, sec1, err, sizeof err));
+        CK(vlm_cuda_d2h(got, dx, sizeof(float) * nx, err, sizeof err));
+        double maxerr = 0;
+        for (size_t i = 0; i < nx; i++) if (fabs(got[i] - ref[i]) > maxerr) maxerr = fabs(got[i] - ref[i]);
+        /* |x| <= 1; f32 cosf/sinf of angles up to ~3000 rad agree with double to ~1e-6 */
+        CHECKF(maxerr <= 1e-5, "rope max abs err %g", maxerr);
+    }
+    vlm_cuda_free(dx); vlm_cuda_free(df); vlm_cuda_free(dp);
+    free(x); free(ref); free(got);
+}
+
+static void test_softmax(void) {
+    const int rows = 6, n = 1031;
+    float *x = malloc(sizeof(float) * rows * n), *got = malloc(sizeof(float) * rows * n);
+    for (int i = 0; i < rows * n; i++) x[i] = frand() * 20.0f;
+    float *dx = dup_to_dev(x, sizeof(float) * rows * n);
+    CHECK(dx != NULL);
+    if (dx) {
+        CK(vlm_cuda_softmax(dx, rows, n, err, sizeof err));
+        CK(vlm_cuda_d2h(got, dx, sizeof(float) * rows * n, err, sizeof err));
+        double maxrel = 0;
+        for (int r = 0; r < rows; r++) {
+            double m = -1e30, s = 0;
+            for (int i = 0; i < n; i++) if (x[r * n + i] > m) m = x[r * n + i];
+            for (int i = 0; i < n; i++) s += exp(x[r * n + i] - m);
+            for (int i = 0; i < n; i++) {
+                double ref = exp(x[r * n + i] - m) / s;
+                double rel = fabs(got[r * n + i] - ref) / (ref + 1e-12);
+                if (rel > maxrel) maxrel = rel;
+            }
+        }
+        CHECKF(maxrel <= TOL_REL, "softmax max rel err %g", maxrel);
+    }
+    vlm_cuda_free(dx);
+    free(x); free(got);
+}
+
 /* An error must come back as a status naming the failing statement, not abort the process. */
 static void test_error_reporting(void) {
     void *p = NULL;
@@ -141,6 +204,8 @@ int main(void) {
     RUN(test_rmsnorm);
     RUN(test_swiglu_add);
     RUN(test_argmax);
+    RUN(test_rope);
+    RUN(test_softmax);
     RUN(test_error_reporting);
     TEST_MAIN_END("cuda");
 #endif

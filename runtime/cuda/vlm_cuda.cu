@@ -230,3 +230,19 @@ extern "C" vlm_status vlm_cuda_softmax(float *x, int rows, int n, char *err, siz
     CU_LAUNCHED(k_softmax);
     return VLM_OK;
 }
+
+static __global__ void k_embed(float *out, const uint16_t *table, const int32_t *ids, int hidden, int vocab) {
+    int32_t id = ids[blockIdx.x];
+    float *o = out + (int64_t)blockIdx.x * hidden;
+    bool ok = id >= 0 && id < vocab;
+    const uint16_t *t = table + (ok ? (int64_t)id * hidden : 0);
+    for (int j = threadIdx.x; j < hidden; j += blockDim.x) o[j] = ok ? bf16_bits_to_f32(t[j]) : 0.0f;
+}
+
+extern "C" vlm_status vlm_cuda_embed(float *out, const uint16_t *table, const int32_t *ids, int n, int hidden,
+                                     int vocab, char *err, size_t errlen) {
+    if (n <= 0 || hidden <= 0) return VLM_OK;
+    k_embed<<<n, 256>>>(out, table, ids, hidden, vocab);
+    CU_LAUNCHED(k_embed);
+    return VLM_OK;
+}

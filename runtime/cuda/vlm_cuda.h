@@ -42,6 +42,10 @@ vlm_status vlm_cuda_argmax(int32_t *out, const float *logits, int rows, int voca
  * 1-D RoPE is sec0 = hd/2, sec1 = 0 with any pos3 whose first entry is the position. inv_freq[hd/2] f32. */
 vlm_status vlm_cuda_rope(float *x, int rows, int heads, int hd, const int64_t *pos3, const float *inv_freq,
                          int sec0, int sec1, char *err, size_t errlen);
+/* out[i, :] = f32(table[ids[i], :]) for i < n (bf16 table [vocab, hidden]); ids outside [0, vocab) give
+ * zero rows (the engine validates ids before this, so this only keeps a bad id from reading out of bounds). */
+vlm_status vlm_cuda_embed(float *out, const uint16_t *table, const int32_t *ids, int n, int hidden, int vocab,
+                          char *err, size_t errlen);
 /* In-place numerically stable softmax over each row of x[rows, n]. */
 vlm_status vlm_cuda_softmax(float *x, int rows, int n, char *err, size_t errlen);
 

@@ -179,6 +179,31 @@ static void test_softmax(void) {
     free(x); free(got);
 }
 
+/* Exact: widening bf16 to f32 is lossless, so the gathered rows must equal the CPU widening bit for bit. */
+static void test_embed(void) {
+    const int vocab = 1003, hidden = 333, n = 9;
+    uint16_t *t = malloc(2 * (size_t)vocab * hidden);
+    for (size_t i = 0; i < (size_t)vocab * hidden; i++) t[i] = f32_to_bf16_bits(frand());
+    int32_t ids[9] = {0, 1002, 17, 17, 500, 3, 999, 1, 640};
+    float *got = malloc(sizeof(float) * n * hidden);
+    uint16_t *dt = dup_to_dev(t, 2 * (size_t)vocab * hidden);
+    int32_t *di = dup_to_dev(ids, sizeof ids);
+    float *dout = NULL;
+    CK(vlm_cuda_malloc((void **)&dout, sizeof(float) * n * hidden, err, sizeof err));
+    CHECK(dt && di && dout);
+    if (dt && di && dout) {
+        CK(vlm_cuda_embed(dout, dt, di, n, hidden, vocab, err, sizeof err));
+        CK(vlm_cuda_d2h(got, dout, sizeof(float) * n * hidden, err, sizeof err));
+        int bad = 0;
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < hidden; j++)
+                bad += got[i * hidden + j] != bf16_bits_to_f32(t[(size_t)ids[i] * hidden + j]);
+        CHECK_EQ_INT(bad, 0);
+    }
+    vlm_cuda_free(dt); vlm_cuda_free(di); vlm_cuda_free(dout);
+    free(t); free(got);
+}
+
 /* An error must come back as a status naming the failing statement, not abort the process. */
 static void test_error_reporting(void) {
     void *p = NULL;
@@ -206,6 +231,7 @@ int main(void) {
     RUN(test_argmax);
     RUN(test_rope);
     RUN(test_softmax);
+    RUN(test_embed);
     RUN(test_error_reporting);
     TEST_MAIN_END("cuda");
 #endif

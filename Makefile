@@ -49,7 +49,7 @@ ifeq ($(CUDA),1)
 CUDA_HOME ?= /usr/local/cuda
 CU_SRC    := $(wildcard runtime/cuda/*.cu)
 CUDA_ARCH := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
-NVFLAGS   := -O2 -std=c++17 $(CUDA_ARCH) -I. -Xcompiler -Wall,-Wextra,-fPIC
+NVFLAGS   := -O2 -std=c++17 $(CUDA_ARCH) -I. -MMD -MP -Xcompiler -Wall,-Wextra,-fPIC
 CFLAGS    += -DVLM_HAVE_CUDA -I$(CUDA_HOME)/include
 LDLIBS    += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lnccl -lstdc++
 CUDA_DESC := on ($(shell $(NVCC) --version | tail -n 2 | head -n 1); sm_80 sm_90)

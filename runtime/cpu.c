@@ -5,8 +5,10 @@
  *     contiguous block of weight rows once and applies every x row to a weight row while it is in
  *     L1 (up to VLM_DOT_MAX_ROWS x rows per kernel call), so n = 4..64 reads the weights once.
  *     The dot-row kernel is scalar, AVX2+FMA or AVX-512, picked at run time.
- *   - many rows (prefill, vision): compute bound. With OpenBLAS, panels of weight rows are
- *     converted to f32 once per call and multiplied with sgemm; without it, the dot-row kernels.
+ *   - many rows (prefill, vision, n >= gemm_min_rows): compute bound. The own blocked GEMM
+ *     (cpu_gemm.c: packed panels, 14x32 AVX-512 / 6x16 AVX2 register tiles, static thread split).
+ *     OpenBLAS sgemm on converted panels stays selectable (VLMD_GEMM=openblas) for comparison;
+ *     it runs single-threaded inside our OpenMP regions so OpenMP is the one thread pool.
  * All accumulation is f32. */
 #include "runtime/cpu_internal.h"
 
@@ -38,14 +40,13 @@ static bool s_feat_avx2, s_feat_fma, s_feat_avx512f, s_feat_avx512bw, s_feat_avx
 static vlm_cpu_path s_best = VLM_CPU_SCALAR;
 static vlm_cpu_path s_path = VLM_CPU_SCALAR;
 static int s_threads = 1;
-/* Prefill threshold: at n >= this, OpenBLAS on converted panels beats the dot-row kernels. On the
- * dev machine (2 shared cores, bench/matmul and docs/cpu-kernels.md) the dot-row kernels won at
- * n = 8..128 and OpenBLAS at n = 512 (~1.7x); 128 keeps the measured-faster side in both. */
-#ifdef VLM_HAVE_OPENBLAS
-static int64_t s_gemm_min_rows = 128;
-#else
-static int64_t s_gemm_min_rows = 0;
-#endif
+/* Prefill threshold: at n >= this, the blocked GEMM (cpu_gemm.c) beats the dot-row kernels. The
+ * GEMM's 14-row register tile reuses each weight 14x from registers where the dot-row kernel reuses
+ * it at most 4x; bench/matmul (docs/cpu-kernels.md) measured the crossover on the dev machine. */
+static int64_t s_gemm_min_rows = 16;
+/* The own GEMM is the default for every many-row product; OpenBLAS stays selectable
+ * (VLMD_GEMM=openblas) for comparison. */
+static bool s_gemm_own = true;
 static char s_model[128] = "unknown CPU";
 static char s_desc[512];
 
@@ -107,6 +108,14 @@ static void detect_once(void) {
     if (env && *env && vlm_cpu_force_path(env) != 0)
         fprintf(stderr, "vlmd: VLMD_CPU_PATH=%s not usable on this CPU; using %s\n", env,
                 s_path_names[s_path]);
+    env = getenv("VLMD_GEMM");
+    if (env && *env && !strcmp(env, "openblas")) {
+#ifdef VLM_HAVE_OPENBLAS
+        s_gemm_own = false;
+#else
+        fprintf(stderr, "vlmd: VLMD_GEMM=openblas but built without OpenBLAS; using own\n");
+#endif
+    }
 }
 
 static void ensure_init(void) { pthread_once(&s_once, detect_once); }
@@ -142,12 +151,28 @@ vlm_cpu_path vlm_cpu_active_path(void) {
 
 int64_t vlm_cpu_set_gemm_min_rows(int64_t rows) {
     int64_t old = s_gemm_min_rows;
-#ifdef VLM_HAVE_OPENBLAS
     s_gemm_min_rows = rows < 0 ? 0 : rows;
-#else
-    (void)rows; /* no GEMM path without OpenBLAS: the dot-row kernels handle every n */
-#endif
     return old;
+}
+
+int vlm_cpu_set_gemm_backend(const char *name) {
+    ensure_init();
+    if (!strcmp(name, "own")) {
+        s_gemm_own = true;
+        return 0;
+    }
+#ifdef VLM_HAVE_OPENBLAS
+    if (!strcmp(name, "openblas")) {
+        s_gemm_own = false;
+        return 0;
+    }
+#endif
+    return -1;
+}
+
+const char *vlm_cpu_gemm_backend(void) {
+    ensure_init();
+    return s_gemm_own ? "own" : "openblas";
 }
 
 void vlm_cpu_init(int threads) {
@@ -157,7 +182,9 @@ void vlm_cpu_init(int threads) {
     s_threads = threads;
     omp_set_num_threads(threads);
 #ifdef VLM_HAVE_OPENBLAS
-    openblas_set_num_threads(threads);
+    /* OpenMP is the one thread pool: OpenBLAS (when selected) runs single-threaded inside our
+     * parallel regions; its own pthreads would otherwise fight the OpenMP workers for cores. */
+    openblas_set_num_threads(1);
 #endif
 }
 
@@ -180,13 +207,14 @@ const char *vlm_cpu_describe(void) {
         size_t len = strlen(feats);
         snprintf(feats + len, sizeof feats - len, "%s%s", len ? "," : "", f[i].name);
     }
-#ifdef VLM_HAVE_OPENBLAS
-    const char *gemm = "openblas";
-#else
-    const char *gemm = "builtin";
-#endif
-    snprintf(s_desc, sizeof s_desc, "%s; features=%s; linear_bf16=%s prefill=%s gemm_f32=%s; threads=%d",
-             s_model, feats[0] ? feats : "none", s_path_names[s_path],
+    char gemm[64];
+    if (s_gemm_own)
+        snprintf(gemm, sizeof gemm, "own-%s", vlm_gemm_kernel_name(s_path));
+    else
+        snprintf(gemm, sizeof gemm, "openblas");
+    snprintf(s_desc, sizeof s_desc,
+             "%s; features=%s; linear_bf16=%s prefill(n>=%lld)=%s gemm_f32=%s; threads=%d", s_model,
+             feats[0] ? feats : "none", s_path_names[s_path], (long long)s_gemm_min_rows,
              s_gemm_min_rows > 0 ? gemm : s_path_names[s_path], gemm, s_threads);
     return s_desc;
 }
@@ -257,28 +285,42 @@ void vlm_dot_rows_scalar(const float *x, int64_t ldx, int nx, int64_t k, const v
  * multiple of OpenBLAS's register tile. */
 #define PANEL_ROWS 96
 
-static void linear_gemm(const float *x, int64_t n, int64_t k, const vlm_tensor *w, float *y) {
+/* The OpenBLAS alternative to the own GEMM (kept for comparison, VLMD_GEMM=openblas): OpenBLAS
+ * runs single-threaded (vlm_cpu_init) inside one OpenMP region, each thread converting and
+ * multiplying its own contiguous share of weight panels, so OpenMP stays the only thread pool. */
+static void linear_openblas(const float *x, int64_t n, int64_t k, const vlm_tensor *w, float *y) {
     const int64_t m = w->shape[0];
     const size_t esz = elem_size(w->dtype);
     CPU_ASSERT(n <= INT32_MAX && m <= INT32_MAX && k <= INT32_MAX); /* blasint may be 32-bit */
-    float *panel = malloc((size_t)PANEL_ROWS * (size_t)k * sizeof(float));
-    CPU_ASSERT(panel != NULL);
-    for (int64_t j0 = 0; j0 < m; j0 += PANEL_ROWS) {
-        const int64_t rows = m - j0 < PANEL_ROWS ? m - j0 : PANEL_ROWS;
-        const char *src = (const char *)w->data + (size_t)j0 * (size_t)k * esz;
-        // panel: [rows, k] f32 copy of W[j0 : j0+rows]. Converted on this thread on purpose: an
-        // OpenMP region here leaves its workers spinning while OpenBLAS's own pthreads want the
-        // same cores (measured 2x slower with 2 threads); conversion is ~1/n of the sgemm work.
-        for (int64_t r = 0; r < rows; r++)
-            vlm_cpu_convert_row(src + (size_t)r * (size_t)k * esz, w->dtype, k,
-                                panel + (size_t)r * (size_t)k);
-        // y[:, j0:j0+rows] = x[n, k] . panel^T
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)n, (blasint)rows,
-                    (blasint)k, 1.0f, x, (blasint)k, panel, (blasint)k, 0.0f, y + j0, (blasint)m);
+    const int64_t panels = (m + PANEL_ROWS - 1) / PANEL_ROWS;
+#pragma omp parallel
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        float *panel = malloc((size_t)PANEL_ROWS * (size_t)k * sizeof(float));
+        CPU_ASSERT(panel != NULL);
+        for (int64_t pi = panels * t / T; pi < panels * (t + 1) / T; pi++) {
+            const int64_t j0 = pi * PANEL_ROWS, rows = m - j0 < PANEL_ROWS ? m - j0 : PANEL_ROWS;
+            const char *src = (const char *)w->data + (size_t)j0 * (size_t)k * esz;
+            for (int64_t r = 0; r < rows; r++) // panel: [rows, k] f32 copy of W[j0 : j0+rows]
+                vlm_cpu_convert_row(src + (size_t)r * (size_t)k * esz, w->dtype, k,
+                                    panel + (size_t)r * (size_t)k);
+            // y[:, j0:j0+rows] = x[n, k] . panel^T
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)n, (blasint)rows,
+                        (blasint)k, 1.0f, x, (blasint)k, panel, (blasint)k, 0.0f, y + j0, (blasint)m);
+        }
+        free(panel);
     }
-    free(panel);
 }
 #endif
+
+static void linear_gemm(const float *x, int64_t n, int64_t k, const vlm_tensor *w, float *y) {
+#ifdef VLM_HAVE_OPENBLAS
+    if (!s_gemm_own) return linear_openblas(x, n, k, w, y);
+#endif
+    const vlm_gemm_args g = {.n = n, .m = w->shape[0], .k = k, .a = x, .lda = k, .b = w->data,
+                             .bdt = w->dtype, .ldb = k, .c = y, .ldc = w->shape[0]};
+    vlm_gemm_parallel(&g, s_path);
+}
 
 void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const vlm_tensor *bias,
                 float *y) {
@@ -291,7 +333,6 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
         CPU_ASSERT(bias->ndim == 1 && bias->shape[0] == m);
     }
     if (n == 0 || m == 0) return;
-#ifdef VLM_HAVE_OPENBLAS
     if (s_gemm_min_rows > 0 && n >= s_gemm_min_rows && k > 0) {
         linear_gemm(x, n, k, w, y);
         if (bias) {
@@ -301,7 +342,6 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
         }
         return;
     }
-#endif
     const vlm_dot_rows_fn dot = s_kernels[s_path];
     const size_t esz = elem_size(w->dtype);
     const vlm_dtype dt = w->dtype;
@@ -336,7 +376,7 @@ void vlm_gemm_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, 
     CPU_ASSERT(ldb >= (b_trans ? k : n));
     if (m == 0 || n == 0) return;
 #ifdef VLM_HAVE_OPENBLAS
-    if (k > 0) {
+    if (!s_gemm_own && k > 0) {
         CPU_ASSERT(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && lda <= INT32_MAX &&
                    ldb <= INT32_MAX && ldc <= INT32_MAX); /* blasint may be 32-bit */
         cblas_sgemm(CblasRowMajor, CblasNoTrans, b_trans ? CblasTrans : CblasNoTrans, (blasint)m,
@@ -345,24 +385,14 @@ void vlm_gemm_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, 
         return;
     }
 #endif
+    if (beta != 0.0f && beta != 1.0f) {
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < m; i++) {
-        // c[i, :] = beta * c[i, :] + a[i, :k] . op(b)
-        float *ci = c + i * ldc;
-        const float *ai = a + i * lda;
-        for (int64_t j = 0; j < n; j++) ci[j] = beta == 0.0f ? 0.0f : beta * ci[j];
-        if (b_trans) {
-            for (int64_t j = 0; j < n; j++) {
-                const float *bj = b + j * ldb;
-                float s = 0.0f;
-                for (int64_t t = 0; t < k; t++) s += ai[t] * bj[t];
-                ci[j] += s;
-            }
-        } else {
-            for (int64_t t = 0; t < k; t++) {
-                const float av = ai[t], *bt = b + t * ldb;
-                for (int64_t j = 0; j < n; j++) ci[j] += av * bt[j];
-            }
-        }
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < n; j++) c[i * ldc + j] *= beta;
     }
+    // the GEMM's rows are this function's m; its B columns (weight rows) this function's n
+    const vlm_gemm_args g = {.n = m, .m = n, .k = k, .a = a, .lda = lda, .b = b, .bdt = VLM_F32,
+                             .ldb = ldb, .b_kn = !b_trans, .c = c, .ldc = ldc,
+                             .accumulate = beta != 0.0f};
+    vlm_gemm_parallel(&g, s_path);
 }

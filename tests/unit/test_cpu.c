@@ -143,24 +143,41 @@ static void test_linear_every_path(void) {
     vlm_cpu_set_gemm_min_rows(old);
 }
 
+/* The blocked GEMM (cpu_gemm.c) with every micro-kernel this CPU runs, then OpenBLAS. */
 static void test_linear_gemm_path(void) {
+    const int64_t old = vlm_cpu_set_gemm_min_rows(1); /* every n through the GEMM */
+    CHECK_EQ_INT(vlm_cpu_set_gemm_backend("own"), 0);
+    for (int p = 0; p < VLM_CPU_PATH_COUNT; p++) {
+        char label[64];
+        snprintf(label, sizeof label, "gemm-%s", vlm_gemm_kernel_name((vlm_cpu_path)p));
+        if (vlm_cpu_force_path(vlm_cpu_path_name((vlm_cpu_path)p)) != 0) {
+            fprintf(stderr, "  %s: not supported by this CPU, skipped\n", label);
+            continue;
+        }
+        linear_cases(label);
+    }
+    CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
 #ifdef VLM_HAVE_OPENBLAS
-    const int64_t old = vlm_cpu_set_gemm_min_rows(1); /* every n through converted panels + sgemm */
+    CHECK_EQ_INT(vlm_cpu_set_gemm_backend("openblas"), 0);
     linear_cases("openblas-panels");
-    vlm_cpu_set_gemm_min_rows(old);
+    CHECK_EQ_INT(vlm_cpu_set_gemm_backend("own"), 0);
 #else
-    fprintf(stderr, "  built without OpenBLAS: no GEMM path to test\n");
+    CHECK(vlm_cpu_set_gemm_backend("openblas") == -1);
+    fprintf(stderr, "  built without OpenBLAS: openblas backend not tested\n");
 #endif
+    CHECK(vlm_cpu_set_gemm_backend("nope") == -1);
+    vlm_cpu_set_gemm_min_rows(old);
 }
 
-static void test_gemm_f32(void) {
-    const int64_t dims[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 31, 64}, {64, 130, 100}, {5, 257, 15}};
+static void gemm_f32_cases(void) {
+    const int64_t dims[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 31, 64}, {64, 130, 100}, {5, 257, 15},
+                               {29, 33, 300}, {400, 70, 80}, {15, 600, 17}};
     for (int di = 0; di < LEN(dims); di++)
         for (int trans = 0; trans < 2; trans++)
-            for (int bi = 0; bi < 2; bi++) {
+            for (int bi = 0; bi < 2; bi++) { /* beta 0, then 1 or 0.5 */
                 const int64_t m = dims[di][0], n = dims[di][1], k = dims[di][2];
                 const int64_t lda = k + 3, ldb = (trans ? k : n) + 5, ldc = n + 2;
-                const float beta = (float)bi;
+                const float beta = bi ? 0.5f * (float)bi + 0.5f * (float)(di % 2) : 0.0f;
                 const int64_t brows = trans ? n : k;
                 float *a = malloc((size_t)(m * lda) * 4), *b = malloc((size_t)(brows * ldb) * 4);
                 float *c = malloc((size_t)(m * ldc) * 4), *c0 = malloc((size_t)(m * ldc) * 4);
@@ -176,7 +193,7 @@ static void test_gemm_f32(void) {
                             if (memcmp(&c[i * ldc + j], &c0[i * ldc + j], 4)) bad++;
                             continue;
                         }
-                        double ref = bi ? c0[i * ldc + j] : 0, mag = fabs(ref);
+                        double ref = bi ? beta * c0[i * ldc + j] : 0, mag = fabs(ref);
                         for (int64_t t = 0; t < k; t++) {
                             const double bv = trans ? b[j * ldb + t] : b[t * ldb + j];
                             ref += (double)a[i * lda + t] * bv, mag += fabs((double)a[i * lda + t] * bv);
@@ -187,6 +204,45 @@ static void test_gemm_f32(void) {
                        (long long)n, (long long)k, trans, beta, bad);
                 free(a), free(b), free(c), free(c0);
             }
+}
+
+static void test_gemm_f32(void) {
+    for (int p = 0; p < VLM_CPU_PATH_COUNT; p++) {
+        if (vlm_cpu_force_path(vlm_cpu_path_name((vlm_cpu_path)p)) != 0) continue;
+        gemm_f32_cases();
+    }
+    CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
+#ifdef VLM_HAVE_OPENBLAS
+    CHECK_EQ_INT(vlm_cpu_set_gemm_backend("openblas"), 0);
+    gemm_f32_cases();
+    CHECK_EQ_INT(vlm_cpu_set_gemm_backend("own"), 0);
+#endif
+}
+
+/* vlm_gemm_serial inside a parallel region (how attention uses it): each thread its own product
+ * and scratch, results equal to the parallel entry point's bit for bit (same blocking). */
+static void test_gemm_serial_in_parallel(void) {
+    const int64_t n = 45, m = 70, k = 300;
+    float *a = malloc((size_t)(n * k) * 4), *b = malloc((size_t)(m * k) * 4);
+    float *c_par = malloc((size_t)(n * m) * 4), *c_ser = malloc((size_t)(4 * n * m) * 4);
+    for (int64_t i = 0; i < n * k; i++) a[i] = rnd_unit();
+    for (int64_t i = 0; i < m * k; i++) b[i] = rnd_unit();
+    const vlm_cpu_path path = vlm_cpu_active_path();
+    vlm_gemm_args g = {.n = n, .m = m, .k = k, .a = a, .lda = k, .b = b, .bdt = VLM_F32, .ldb = k,
+                       .c = c_par, .ldc = m};
+    vlm_gemm_parallel(&g, path);
+    int bad = 0;
+#pragma omp parallel for reduction(+ : bad)
+    for (int r = 0; r < 4; r++) {
+        float *scratch = malloc(vlm_gemm_scratch_bytes());
+        vlm_gemm_args gs = g;
+        gs.c = c_ser + (size_t)r * (size_t)(n * m);
+        vlm_gemm_serial(&gs, path, r % 2 ? scratch : NULL);
+        bad += memcmp(gs.c, c_par, (size_t)(n * m) * 4) != 0;
+        free(scratch);
+    }
+    CHECK_EQ_INT(bad, 0);
+    free(a), free(b), free(c_par), free(c_ser);
 }
 
 static void test_describe_threads(void) {
@@ -207,5 +263,6 @@ int main(void) {
     RUN(test_linear_every_path);
     RUN(test_linear_gemm_path);
     RUN(test_gemm_f32);
+    RUN(test_gemm_serial_in_parallel);
     TEST_MAIN_END("cpu");
 }

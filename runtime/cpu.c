@@ -369,6 +369,8 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
 }
 
 /* ---- vlm_gemm_f32 ---- */
+/* Below this many rows of a, vlm_gemm_f32 streams B instead of packing it (see the comment there). */
+#define GEMM_F32_MIN_ROWS 4
 void vlm_gemm_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b,
                   int64_t ldb, bool b_trans, float beta, float *c, int64_t ldc) {
     ensure_init();
@@ -385,6 +387,32 @@ void vlm_gemm_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, 
         return;
     }
 #endif
+    if (m < GEMM_F32_MIN_ROWS) {
+        /* decode-size products (per-head attention at one query row): a register tile of 14 rows
+         * would do 14x the work and packing would copy the whole K/V once per call, so stream B
+         * directly: the dot-row kernel for b_trans (K rows as f32 "weights"), an axpy otherwise. */
+        const vlm_dot_rows_fn dot = s_kernels[s_path];
+        for (int64_t i = 0; i < m; i++) {
+            const float *ai = a + i * lda;
+            float *ci = c + i * ldc;
+            if (b_trans) {
+                for (int64_t j = 0; j < n; j += VLM_DOT_MAX_WROWS) {
+                    const int nw = (int)(n - j < VLM_DOT_MAX_WROWS ? n - j : VLM_DOT_MAX_WROWS);
+                    float out[VLM_DOT_MAX_WROWS * VLM_DOT_MAX_ROWS];
+                    dot(ai, k, 1, k, b + j * ldb, (size_t)ldb * sizeof(float), nw, VLM_F32, out);
+                    for (int r = 0; r < nw; r++)
+                        ci[j + r] = (beta == 0.0f ? 0.0f : beta * ci[j + r]) + out[r * VLM_DOT_MAX_ROWS];
+                }
+            } else {
+                for (int64_t j = 0; j < n; j++) ci[j] = beta == 0.0f ? 0.0f : beta * ci[j];
+                for (int64_t t = 0; t < k; t++) {
+                    const float av = ai[t], *bt = b + t * ldb;
+                    for (int64_t j = 0; j < n; j++) ci[j] += av * bt[j];
+                }
+            }
+        }
+        return;
+    }
     if (beta != 0.0f && beta != 1.0f) {
 #pragma omp parallel for schedule(static)
         for (int64_t i = 0; i < m; i++)

@@ -68,6 +68,16 @@ size_t vlm_gemm_scratch_bytes(void);
 void vlm_gemm_parallel(const vlm_gemm_args *g, vlm_cpu_path path);
 const char *vlm_gemm_kernel_name(vlm_cpu_path p);
 
+/* Blocked ("flash") attention, cpu_attn.c: for each head h < H and query row i < nq,
+ *   out[i*ldo + h*D + d] = sum_j p_ij v[j*ldv + hk*D + d],  p_i = softmax_j(scale * q_i . k_j)
+ * with q_i = q + i*ldq + h*D, k_j = k + j*ldk + hk*D, hk = h / (H / Hkv) (GQA). causal_offset < 0:
+ * every key j < nk is visible; >= 0: only j <= i + causal_offset (prefill chunk after
+ * causal_offset cached tokens: nk = causal_offset + nq). Never materialises [nq, nk]; threads
+ * split (head, query block) pairs. */
+void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const float *q, int64_t ldq,
+                       const float *k, int64_t ldk, const float *v, int64_t ldv, float scale,
+                       int64_t causal_offset, float *out, int64_t ldo);
+
 /* Which library does the many-row products (vlm_linear at n >= gemm_min_rows, vlm_gemm_f32):
  * "own" (cpu_gemm.c) or "openblas" (only when built with it). Returns 0, or -1 when unknown or
  * not built. Env VLMD_GEMM does the same at init. */

@@ -5,6 +5,7 @@
 #include "runtime/cpu_internal.h"
 #include "tests/unit/test.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -171,7 +172,8 @@ static void test_linear_gemm_path(void) {
 
 static void gemm_f32_cases(void) {
     const int64_t dims[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 31, 64}, {64, 130, 100}, {5, 257, 15},
-                               {29, 33, 300}, {400, 70, 80}, {15, 600, 17}};
+                               {29, 33, 300}, {400, 70, 80}, {15, 600, 17}, {2, 259, 128},
+                               {1, 300, 64}};
     for (int di = 0; di < LEN(dims); di++)
         for (int trans = 0; trans < 2; trans++)
             for (int bi = 0; bi < 2; bi++) { /* beta 0, then 1 or 0.5 */
@@ -245,6 +247,61 @@ static void test_gemm_serial_in_parallel(void) {
     free(a), free(b), free(c_par), free(c_ser);
 }
 
+/* Blocked attention vs a double-precision softmax reference: several query/key blocks with
+ * ragged ends, GQA, causal with a cached prefix, every path this CPU runs. The output is a convex
+ * combination of v rows (|v| <= 1), so an absolute tolerance fits: f32 sums of <= 300 terms plus
+ * the vectorised exp (~2 ulp) stay far below 1e-5; a wrong or missing key moves the output by
+ * ~1/nk >= 3e-3. */
+#define ATTN_ABS_TOL 1e-5
+static void attn_case(int64_t nq, int64_t nk, int H, int Hkv, int D, int64_t causal) {
+    const int64_t ldq = (int64_t)H * D + 3, ldk = (int64_t)Hkv * D + 5, ldo = (int64_t)H * D + 1;
+    float *q = malloc((size_t)(nq * ldq) * 4), *k = malloc((size_t)(nk * ldk) * 4);
+    float *v = malloc((size_t)(nk * ldk) * 4), *o = malloc((size_t)(nq * ldo) * 4);
+    for (int64_t i = 0; i < nq * ldq; i++) q[i] = 2.0f * rnd_unit();
+    for (int64_t i = 0; i < nk * ldk; i++) k[i] = 2.0f * rnd_unit(), v[i] = rnd_unit();
+    const float scale = 1.0f / sqrtf((float)D);
+    double *p = malloc((size_t)nk * sizeof(double));
+    for (int path = 0; path < VLM_CPU_PATH_COUNT; path++) {
+        if (vlm_cpu_force_path(vlm_cpu_path_name((vlm_cpu_path)path)) != 0) continue;
+        for (int64_t i = 0; i < nq * ldo; i++) o[i] = NAN;
+        vlm_attention_f32(nq, nk, H, Hkv, D, q, ldq, k, ldk, v, ldk, scale, causal, o, ldo);
+        double worst = 0;
+        for (int h = 0; h < H; h++) {
+            const int hk = h / (H / Hkv);
+            for (int64_t i = 0; i < nq; i++) {
+                const int64_t vis = causal < 0 ? nk : (i + causal + 1 < nk ? i + causal + 1 : nk);
+                double mx = -INFINITY, sum = 0;
+                for (int64_t j = 0; j < vis; j++) {
+                    double dot = 0;
+                    for (int d = 0; d < D; d++) dot += (double)q[i * ldq + h * D + d] * k[j * ldk + hk * D + d];
+                    p[j] = dot * scale;
+                    if (p[j] > mx) mx = p[j];
+                }
+                for (int64_t j = 0; j < vis; j++) sum += (p[j] = exp(p[j] - mx));
+                for (int d = 0; d < D; d++) {
+                    double ref = 0;
+                    for (int64_t j = 0; j < vis; j++) ref += p[j] / sum * v[j * ldk + hk * D + d];
+                    const double err = fabs(o[i * ldo + h * D + d] - ref);
+                    if (!(err <= worst)) worst = err; /* NaN propagates into worst */
+                }
+            }
+        }
+        CHECKF(worst <= ATTN_ABS_TOL, "attention %s nq=%lld nk=%lld H=%d Hkv=%d D=%d causal=%lld: max err %g",
+               vlm_cpu_path_name((vlm_cpu_path)path), (long long)nq, (long long)nk, H, Hkv, D,
+               (long long)causal, worst);
+    }
+    CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
+    free(q), free(k), free(v), free(o), free(p);
+}
+
+static void test_attention(void) {
+    attn_case(1, 1, 1, 1, 8, -1);
+    attn_case(130, 300, 2, 1, 80, -1);   /* 2 query blocks, 2 key blocks, GQA 2:1 */
+    attn_case(140, 140, 2, 2, 64, 0);    /* causal prefill from position 0 */
+    attn_case(37, 290, 4, 2, 16, 253);   /* causal chunk after 253 cached tokens */
+    attn_case(3, 259, 1, 1, 33, 256);    /* decode-like: few queries, odd head_dim */
+}
+
 static void test_describe_threads(void) {
     vlm_cpu_init(2);
     CHECK_EQ_INT(vlm_cpu_threads(), 2);
@@ -264,5 +321,6 @@ int main(void) {
     RUN(test_linear_gemm_path);
     RUN(test_gemm_f32);
     RUN(test_gemm_serial_in_parallel);
+    RUN(test_attention);
     TEST_MAIN_END("cpu");
 }

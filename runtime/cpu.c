@@ -335,10 +335,16 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
     if (n == 0 || m == 0) return;
     if (s_gemm_min_rows > 0 && n >= s_gemm_min_rows && k > 0) {
         linear_gemm(x, n, k, w, y);
-        if (bias) {
+        if (bias) { /* bias decoded to f32 once, then a vectorisable add per row */
+            float *bf = malloc((size_t)m * sizeof(float));
+            CPU_ASSERT(bf != NULL);
+            vlm_cpu_convert_row(bias->data, bias->dtype, m, bf);
 #pragma omp parallel for schedule(static)
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t j = 0; j < m; j++) y[i * m + j] += elem_at(bias->data, bias->dtype, j);
+            for (int64_t i = 0; i < n; i++) {
+                float *yi = y + i * m;
+                for (int64_t j = 0; j < m; j++) yi[j] += bf[j];
+            }
+            free(bf);
         }
         return;
     }

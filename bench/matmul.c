@@ -8,7 +8,7 @@
  *      OpenBLAS sgemm on converted panels (run once more with OPENBLAS_CORETYPE=SkylakeX to see
  *      OpenBLAS with its best kernel: 0.3.21 misdetects some virtualised Xeons).
  * Each figure is the best of several repetitions (the machine is shared; best-of filters noise).
- * Usage: bench/matmul [threads (default 2)] [--quick]. */
+ * Usage: bench/matmul [threads (default 2)] [--quick] [--gemv]. */
 #include "runtime/cpu_internal.h"
 
 #include <immintrin.h>
@@ -119,9 +119,10 @@ static double time_linear(const float *x, int64_t n, int64_t k, const vlm_tensor
 
 int main(int argc, char **argv) {
     int threads = 2;
-    bool quick = false;
+    bool quick = false, gemv_only = false; /* --gemv: bandwidth and the GEMV table only */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick")) quick = true;
+        else if (!strcmp(argv[i], "--gemv")) gemv_only = true;
         else threads = atoi(argv[i]);
     }
     vlm_cpu_init(threads);
@@ -159,6 +160,10 @@ int main(int argc, char **argv) {
         free(wd);
     }
 
+    if (gemv_only) {
+        free(x), free(y);
+        return 0;
+    }
     const double peak = fma_peak(quick ? 2 : 4);
     printf("\nf32 FMA peak (%s, %d threads, best of runs): %.1f GFLOP/s\n",
            vlm_cpu_active_path() == VLM_CPU_AVX512 ? "avx512" : "avx2", threads, peak);

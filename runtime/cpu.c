@@ -351,6 +351,24 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
     const vlm_dot_rows_fn dot = s_kernels[s_path];
     const size_t esz = elem_size(w->dtype);
     const vlm_dtype dt = w->dtype;
+    if (n == 1 && s_path == VLM_CPU_AVX512) {
+        /* decode: each thread streams one contiguous block of rows (a multiple of 4, so the
+         * kernel's 4-row groups never straddle threads) straight into y */
+        const int64_t groups = (m + 3) / 4;
+#pragma omp parallel
+        {
+            const int t = omp_get_thread_num(), T = omp_get_num_threads();
+            const int64_t r0 = groups * t / T * 4, r1 = groups * (t + 1) / T * 4;
+            const int64_t hi = r1 < m ? r1 : m;
+            if (r0 < hi) {
+                vlm_gemv_avx512(x, k, (const char *)w->data + (size_t)r0 * (size_t)k * esz,
+                                (size_t)k * esz, hi - r0, dt, y + r0);
+                if (bias)
+                    for (int64_t j = r0; j < hi; j++) y[j] += elem_at(bias->data, bias->dtype, j);
+            }
+        }
+        return;
+    }
     // y: [n, m]; each thread owns a contiguous block of weight-row pairs and streams it once.
     // n = 1 takes one weight row per call (bandwidth bound, nothing to reuse); n > 1 takes two.
     const int nw = n > 1 ? VLM_DOT_MAX_WROWS : 1;

@@ -25,6 +25,11 @@ void vlm_dot_rows_avx2(const float *x, int64_t ldx, int nx, int64_t k, const voi
 void vlm_dot_rows_avx512(const float *x, int64_t ldx, int nx, int64_t k, const void *w,
                          size_t ldw_bytes, int nw, vlm_dtype dt, float *out);
 
+/* n = 1 GEMV (AVX-512 F+BW): out[r] = dot(x[0..k), weight row r) for r < rows, rows at
+ * w + r * ldw_bytes in dtype dt; four rows streamed side by side with software prefetch. */
+void vlm_gemv_avx512(const float *x, int64_t k, const void *w, size_t ldw_bytes, int64_t rows,
+                     vlm_dtype dt, float *out);
+
 /* Converts n weight elements of dtype dt to f32 (used by the GEMM path for large n). */
 void vlm_cpu_convert_row(const void *w, vlm_dtype dt, int64_t n, float *out);
 

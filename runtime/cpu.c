@@ -213,9 +213,11 @@ const char *vlm_cpu_describe(void) {
     else
         snprintf(gemm, sizeof gemm, "openblas");
     snprintf(s_desc, sizeof s_desc,
-             "%s; features=%s; linear_bf16=%s prefill(n>=%lld)=%s gemm_f32=%s; threads=%d", s_model,
-             feats[0] ? feats : "none", s_path_names[s_path], (long long)s_gemm_min_rows,
-             s_gemm_min_rows > 0 ? gemm : s_path_names[s_path], gemm, s_threads);
+             "%s; features=%s; linear_bf16=%s decode(n=1)=%s prefill(n>=%lld)=%s gemm_f32=%s; threads=%d",
+             s_model, feats[0] ? feats : "none", s_path_names[s_path],
+             s_path == VLM_CPU_AVX512 ? "gemv-avx512" : s_path_names[s_path],
+             (long long)s_gemm_min_rows, s_gemm_min_rows > 0 ? gemm : s_path_names[s_path], gemm,
+             s_threads);
     return s_desc;
 }
 

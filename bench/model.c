@@ -3,7 +3,7 @@
  * measured in the same run, so decode can be stated as a fraction of its bandwidth floor
  * (weight bytes read per step / bandwidth).
  *
- *   build/bench/model MODEL_DIR [threads=2]
+ *   build/bench/model MODEL_DIR [threads=2] [--prefill-only]
  * e.g. python3 tools/make_model.py --name 2b-size --dtype bf16 --out /tmp/models; build/bench/model /tmp/models/2b-size */
 #include "runtime/runtime.h"
 
@@ -93,7 +93,7 @@ static double decode_rate(vlm_model *m, int n, int steps) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s MODEL_DIR [threads]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL_DIR [threads] [--prefill-only]\n", argv[0]);
         return 2;
     }
     setvbuf(stdout, NULL, _IOLBF, 0); /* lines appear as each measurement ends */
@@ -137,6 +137,10 @@ int main(int argc, char **argv) {
         printf("prefill 512 tokens: %.2fs  %.1f tokens/s\n", dt, 512 / dt);
         free(p);
         vlm_engine_free(e);
+    }
+    if (argc > 3 && !strcmp(argv[3], "--prefill-only")) {
+        vlm_model_free(m);
+        return 0;
     }
     double floor_tps = bw / wbytes;
     double r1 = decode_rate(m, 1, 16);

@@ -48,7 +48,7 @@ static int64_t s_gemm_min_rows = 16;
  * (VLMD_GEMM=openblas) for comparison. */
 static bool s_gemm_own = true;
 static char s_model[128] = "unknown CPU";
-static char s_desc[512];
+static char s_desc[1024];
 
 static const vlm_dot_rows_fn s_kernels[VLM_CPU_PATH_COUNT] = {
     vlm_dot_rows_scalar, vlm_dot_rows_avx2, vlm_dot_rows_avx512};
@@ -207,7 +207,7 @@ const char *vlm_cpu_describe(void) {
         size_t len = strlen(feats);
         snprintf(feats + len, sizeof feats - len, "%s%s", len ? "," : "", f[i].name);
     }
-    char gemm[64];
+    char gemm[48];
     if (s_gemm_own)
         snprintf(gemm, sizeof gemm, "own-%s", vlm_gemm_kernel_name(s_path));
     else

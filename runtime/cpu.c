@@ -42,8 +42,9 @@ static vlm_cpu_path s_path = VLM_CPU_SCALAR;
 static int s_threads = 1;
 /* Prefill threshold: at n >= this, the blocked GEMM (cpu_gemm.c) beats the dot-row kernels. The
  * GEMM's 14-row register tile reuses each weight 14x from registers where the dot-row kernel reuses
- * it at most 4x; bench/matmul (docs/cpu-kernels.md) measured the crossover on the dev machine. */
-static int64_t s_gemm_min_rows = 16;
+ * it at most 4x. bench/matmul on the dev machine, 1 thread, W 1536x1536 bf16, GFLOP/s dot/GEMM:
+ * n=4 46/19, n=8 31/37, n=12 31/54, n=64 30/113 (docs/cpu-kernels.md). */
+static int64_t s_gemm_min_rows = 8;
 /* The own GEMM is the default for every many-row product; OpenBLAS stays selectable
  * (VLMD_GEMM=openblas) for comparison. */
 static bool s_gemm_own = true;

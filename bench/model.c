@@ -3,7 +3,7 @@
  * measured in the same run, so decode can be stated as a fraction of its bandwidth floor
  * (weight bytes read per step / bandwidth).
  *
- *   build/bench/model MODEL_DIR [threads=2] [--prefill-only]
+ *   build/bench/model MODEL_DIR [threads=2] [--prefill-only|--decode-only]
  * e.g. python3 tools/make_model.py --name 2b-size --dtype bf16 --out /tmp/models; build/bench/model /tmp/models/2b-size */
 #include "runtime/runtime.h"
 
@@ -93,7 +93,7 @@ static double decode_rate(vlm_model *m, int n, int steps) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s MODEL_DIR [threads] [--prefill-only]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL_DIR [threads] [--prefill-only|--decode-only]\n", argv[0]);
         return 2;
     }
     setvbuf(stdout, NULL, _IOLBF, 0); /* lines appear as each measurement ends */
@@ -121,7 +121,7 @@ int main(int argc, char **argv) {
            c->hidden, c->n_layers, vlm_dtype_name(c->weight_dtype), now() - t0, wbytes / 1e9);
 
     /* prefill: one 512-token prompt */
-    {
+    if (!(argc > 3 && !strcmp(argv[3], "--decode-only"))) {
         vlm_engine_opts eo = {.max_seqs = 1, .max_batch_tokens = 512};
         vlm_engine *e;
         if (vlm_engine_create(m, &eo, &e, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }

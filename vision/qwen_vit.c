@@ -6,9 +6,9 @@
  * Linear) -> [Np/M², out_hidden].
  *
  * Weights stay in the checkpoint's dtype (BF16 or F32, mmapped) and go through vlm_linear;
- * only the small LayerNorm vectors are converted to f32 at load. Attention runs per head over
- * blocks of query rows with the full score row (about 4M floats per block), so a 9216-patch image
- * never materialises a 9216² matrix per head. */
+ * only the small LayerNorm vectors are converted to f32 at load. Attention is the runtime's blocked
+ * (flash-style) vlm_attention_f32: scores exist only as 128x256 tiles, so a 9216-patch image never
+ * materialises a 9216² matrix. */
 #include "runtime/cpu_internal.h" /* vlm_attention_f32 */
 #include <math.h>
 #include <stdlib.h>

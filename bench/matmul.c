@@ -2,9 +2,13 @@
  *   1. memory read bandwidth: sum of a 512 MiB buffer with the configured threads (GB/s);
  *   2. vlm_linear GEMV over BF16 weights at n = 1, 4, 16, 64 for the decoder's shapes: GB/s of
  *      weight traffic and the fraction of (1);
- *   3. prefill n = 512: GFLOP/s of the dot-row kernel path and of the OpenBLAS panel path.
+ *   3. this machine's f32 FMA peak (AVX-512 or AVX2 FMA loop, all threads), GFLOP/s;
+ *   4. crossover n = 8..64: dot-row kernels vs the own blocked GEMM (picks gemm_min_rows);
+ *   5. prefill/vision shapes at n = 512: GFLOP/s and fraction of peak of the own GEMM and of
+ *      OpenBLAS sgemm on converted panels (run once more with OPENBLAS_CORETYPE=SkylakeX to see
+ *      OpenBLAS with its best kernel: 0.3.21 misdetects some virtualised Xeons).
  * Each figure is the best of several repetitions (the machine is shared; best-of filters noise).
- * Usage: bench/matmul [threads (default 2)] [--quick]. */
+ * Usage: bench/matmul [threads (default 2)] [--quick] [--gemv]. */
 #include "runtime/cpu_internal.h"
 
 #include <immintrin.h>
@@ -58,6 +62,47 @@ static double membw(int reps) {
     return (double)n * sizeof(float) / best / 1e9;
 }
 
+/* f32 FMA peak: 12 independent accumulator chains per thread (more than latency x ports). */
+__attribute__((target("avx512f"))) static double fma_loop_avx512(long iters) {
+    __m512 a[12], x = _mm512_set1_ps(1.0000001f), y = _mm512_set1_ps(1e-7f);
+    for (int i = 0; i < 12; i++) a[i] = _mm512_set1_ps((float)i);
+    for (long it = 0; it < iters; it++)
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) a[i] = _mm512_fmadd_ps(a[i], x, y);
+    __m512 s = a[0];
+    for (int i = 1; i < 12; i++) s = _mm512_add_ps(s, a[i]);
+    return (double)_mm512_reduce_add_ps(s);
+}
+__attribute__((target("avx2,fma"))) static double fma_loop_avx2(long iters) {
+    __m256 a[12], x = _mm256_set1_ps(1.0000001f), y = _mm256_set1_ps(1e-7f);
+    for (int i = 0; i < 12; i++) a[i] = _mm256_set1_ps((float)i);
+    for (long it = 0; it < iters; it++)
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) a[i] = _mm256_fmadd_ps(a[i], x, y);
+    __m256 s = a[0];
+    for (int i = 1; i < 12; i++) s = _mm256_add_ps(s, a[i]);
+    float o[8];
+    _mm256_storeu_ps(o, s);
+    return o[0] + o[7];
+}
+static double fma_peak(int reps) {
+    const bool w512 = vlm_cpu_active_path() == VLM_CPU_AVX512;
+    const long iters = 20000000;
+    double best = 0;
+    volatile double sink = 0;
+    for (int r = 0; r < reps; r++) {
+        const double t0 = now();
+        double s = 0;
+#pragma omp parallel reduction(+ : s)
+        s += w512 ? fma_loop_avx512(iters) : fma_loop_avx2(iters);
+        const double dt = now() - t0;
+        sink += s;
+        const double gf = (double)omp_get_max_threads() * iters * 12 * (w512 ? 16 : 8) * 2 / dt / 1e9;
+        if (gf > best) best = gf;
+    }
+    return best;
+}
+
 static double time_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, float *y,
                           double min_time, int max_reps) {
     vlm_linear(x, n, k, w, NULL, y); /* warm */
@@ -74,9 +119,10 @@ static double time_linear(const float *x, int64_t n, int64_t k, const vlm_tensor
 
 int main(int argc, char **argv) {
     int threads = 2;
-    bool quick = false;
+    bool quick = false, gemv_only = false; /* --gemv: bandwidth and the GEMV table only */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick")) quick = true;
+        else if (!strcmp(argv[i], "--gemv")) gemv_only = true;
         else threads = atoi(argv[i]);
     }
     vlm_cpu_init(threads);
@@ -91,7 +137,7 @@ int main(int argc, char **argv) {
     for (int64_t i = 0; i < max_n * max_k; i++) x[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
     float *y = malloc((size_t)max_n * 151936 * sizeof(float));
 
-    printf("\nGEMV bf16 (vlm_linear, path %s; n >= gemm_min_rows goes to OpenBLAS panels)\n",
+    printf("\nGEMV bf16 (vlm_linear dot-row kernels, path %s, at every n)\n",
            vlm_cpu_path_name(vlm_cpu_active_path()));
     printf("%-14s %4s %10s %9s %8s\n", "W [m x k]", "n", "ms", "GB/s", "of bw");
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
@@ -114,24 +160,59 @@ int main(int argc, char **argv) {
         free(wd);
     }
 
-    printf("\nprefill n=%lld (GFLOP/s, bf16 weights)\n", (long long)max_n);
-    for (size_t s = 0; s < 2; s++) {
-        const int64_t m = shapes[s][0], k = shapes[s][1];
+    if (gemv_only) {
+        free(x), free(y);
+        return 0;
+    }
+    const double peak = fma_peak(quick ? 2 : 4);
+    printf("\nf32 FMA peak (%s, %d threads, best of runs): %.1f GFLOP/s\n",
+           vlm_cpu_active_path() == VLM_CPU_AVX512 ? "avx512" : "avx2", threads, peak);
+
+    printf("\ncrossover, W 1536x1536 bf16: dot-row kernels vs own GEMM (GFLOP/s)\n");
+    {
+        const int64_t m = 1536, k = 1536;
+        uint16_t *wd = malloc((size_t)(m * k) * 2);
+        for (int64_t i = 0; i < m * k; i++) wd[i] = (uint16_t)(0x3c00 + (i * 40503u) % 0x300);
+        vlm_tensor w = {.dtype = VLM_BF16, .ndim = 2, .shape = {m, k}, .data = wd,
+                        .nbytes = (size_t)(m * k) * 2};
+        const int64_t cn[] = {4, 8, 12, 16, 24, 32, 64};
+        for (size_t i = 0; i < sizeof cn / sizeof cn[0]; i++) {
+            const double flop = 2.0 * (double)cn[i] * (double)m * (double)k;
+            int64_t old = vlm_cpu_set_gemm_min_rows(0);
+            const double t_dot = time_linear(x, cn[i], k, &w, y, quick ? 0.1 : 0.3, 30);
+            vlm_cpu_set_gemm_min_rows(1);
+            const double t_gemm = time_linear(x, cn[i], k, &w, y, quick ? 0.1 : 0.3, 30);
+            vlm_cpu_set_gemm_min_rows(old);
+            printf("  n=%3lld  dot-rows %7.1f   gemm %7.1f\n", (long long)cn[i], flop / t_dot / 1e9,
+                   flop / t_gemm / 1e9);
+        }
+        free(wd);
+    }
+
+    const char *ct = getenv("OPENBLAS_CORETYPE");
+    printf("\nn=%lld, bf16 weights: GFLOP/s (fraction of FMA peak)  [OPENBLAS_CORETYPE=%s]\n",
+           (long long)max_n, ct ? ct : "(unset)");
+    const int64_t pshapes[][2] = {{1536, 1536}, {8960, 1536}, {1536, 8960}, {3840, 1280}, {1280, 5120}};
+    for (size_t s = 0; s < sizeof pshapes / sizeof pshapes[0]; s++) {
+        const int64_t m = pshapes[s][0], k = pshapes[s][1];
         uint16_t *wd = malloc((size_t)(m * k) * 2);
         for (int64_t i = 0; i < m * k; i++) wd[i] = (uint16_t)(0x3c00 + (i * 40503u) % 0x300);
         vlm_tensor w = {.dtype = VLM_BF16, .ndim = 2, .shape = {m, k}, .data = wd,
                         .nbytes = (size_t)(m * k) * 2};
         const double flop = 2.0 * (double)max_n * (double)m * (double)k;
-        int64_t old = vlm_cpu_set_gemm_min_rows(0);
-        const double t_dot = time_linear(x, max_n, k, &w, y, quick ? 0.3 : 1.5, 5);
-        printf("%6lldx%-7lld dot-rows %-7s %8.1f GFLOP/s\n", (long long)m, (long long)k,
-               vlm_cpu_path_name(vlm_cpu_active_path()), flop / t_dot / 1e9);
+        int64_t old = vlm_cpu_set_gemm_min_rows(1);
+        vlm_cpu_set_gemm_backend("own");
+        const double t_own = time_linear(x, max_n, k, &w, y, quick ? 0.3 : 1.0, 6);
+        printf("%6lldx%-7lld own %-13s %7.1f (%.2f)", (long long)m, (long long)k,
+               vlm_gemm_kernel_name(vlm_cpu_active_path()), flop / t_own / 1e9, flop / t_own / 1e9 / peak);
 #ifdef VLM_HAVE_OPENBLAS
-        vlm_cpu_set_gemm_min_rows(1);
-        const double t_blas = time_linear(x, max_n, k, &w, y, quick ? 0.3 : 1.5, 5);
-        printf("%6lldx%-7lld openblas-panels  %8.1f GFLOP/s\n", (long long)m, (long long)k,
-               flop / t_blas / 1e9);
+        vlm_cpu_set_gemm_backend("openblas");
+        const double t_blas = time_linear(x, max_n, k, &w, y, quick ? 0.3 : 1.0, 6);
+        vlm_cpu_set_gemm_backend("own");
+        printf("   openblas-panels %7.1f (%.2f)  own/openblas %.2fx", flop / t_blas / 1e9,
+               flop / t_blas / 1e9 / peak, t_blas / t_own);
 #endif
+        printf("\n");
         vlm_cpu_set_gemm_min_rows(old);
         free(wd);
     }

@@ -5,8 +5,10 @@
  *     contiguous block of weight rows once and applies every x row to a weight row while it is in
  *     L1 (up to VLM_DOT_MAX_ROWS x rows per kernel call), so n = 4..64 reads the weights once.
  *     The dot-row kernel is scalar, AVX2+FMA or AVX-512, picked at run time.
- *   - many rows (prefill, vision): compute bound. With OpenBLAS, panels of weight rows are
- *     converted to f32 once per call and multiplied with sgemm; without it, the dot-row kernels.
+ *   - many rows (prefill, vision, n >= gemm_min_rows): compute bound. The own blocked GEMM
+ *     (cpu_gemm.c: packed panels, 14x32 AVX-512 / 6x16 AVX2 register tiles, static thread split).
+ *     OpenBLAS sgemm on converted panels stays selectable (VLMD_GEMM=openblas) for comparison;
+ *     it runs single-threaded inside our OpenMP regions so OpenMP is the one thread pool.
  * All accumulation is f32. */
 #include "runtime/cpu_internal.h"
 
@@ -38,16 +40,16 @@ static bool s_feat_avx2, s_feat_fma, s_feat_avx512f, s_feat_avx512bw, s_feat_avx
 static vlm_cpu_path s_best = VLM_CPU_SCALAR;
 static vlm_cpu_path s_path = VLM_CPU_SCALAR;
 static int s_threads = 1;
-/* Prefill threshold: at n >= this, OpenBLAS on converted panels beats the dot-row kernels. On the
- * dev machine (2 shared cores, bench/matmul and docs/cpu-kernels.md) the dot-row kernels won at
- * n = 8..128 and OpenBLAS at n = 512 (~1.7x); 128 keeps the measured-faster side in both. */
-#ifdef VLM_HAVE_OPENBLAS
-static int64_t s_gemm_min_rows = 128;
-#else
-static int64_t s_gemm_min_rows = 0;
-#endif
+/* Prefill threshold: at n >= this, the blocked GEMM (cpu_gemm.c) beats the dot-row kernels. The
+ * GEMM's 14-row register tile reuses each weight 14x from registers where the dot-row kernel reuses
+ * it at most 4x. bench/matmul on the dev machine, 1 thread, W 1536x1536 bf16, GFLOP/s dot/GEMM:
+ * n=4 46/19, n=8 31/37, n=12 31/54, n=64 30/113 (docs/cpu-kernels.md). */
+static int64_t s_gemm_min_rows = 8;
+/* The own GEMM is the default for every many-row product; OpenBLAS stays selectable
+ * (VLMD_GEMM=openblas) for comparison. */
+static bool s_gemm_own = true;
 static char s_model[128] = "unknown CPU";
-static char s_desc[512];
+static char s_desc[1024];
 
 static const vlm_dot_rows_fn s_kernels[VLM_CPU_PATH_COUNT] = {
     vlm_dot_rows_scalar, vlm_dot_rows_avx2, vlm_dot_rows_avx512};
@@ -107,6 +109,14 @@ static void detect_once(void) {
     if (env && *env && vlm_cpu_force_path(env) != 0)
         fprintf(stderr, "vlmd: VLMD_CPU_PATH=%s not usable on this CPU; using %s\n", env,
                 s_path_names[s_path]);
+    env = getenv("VLMD_GEMM");
+    if (env && *env && !strcmp(env, "openblas")) {
+#ifdef VLM_HAVE_OPENBLAS
+        s_gemm_own = false;
+#else
+        fprintf(stderr, "vlmd: VLMD_GEMM=openblas but built without OpenBLAS; using own\n");
+#endif
+    }
 }
 
 static void ensure_init(void) { pthread_once(&s_once, detect_once); }
@@ -142,12 +152,28 @@ vlm_cpu_path vlm_cpu_active_path(void) {
 
 int64_t vlm_cpu_set_gemm_min_rows(int64_t rows) {
     int64_t old = s_gemm_min_rows;
-#ifdef VLM_HAVE_OPENBLAS
     s_gemm_min_rows = rows < 0 ? 0 : rows;
-#else
-    (void)rows; /* no GEMM path without OpenBLAS: the dot-row kernels handle every n */
-#endif
     return old;
+}
+
+int vlm_cpu_set_gemm_backend(const char *name) {
+    ensure_init();
+    if (!strcmp(name, "own")) {
+        s_gemm_own = true;
+        return 0;
+    }
+#ifdef VLM_HAVE_OPENBLAS
+    if (!strcmp(name, "openblas")) {
+        s_gemm_own = false;
+        return 0;
+    }
+#endif
+    return -1;
+}
+
+const char *vlm_cpu_gemm_backend(void) {
+    ensure_init();
+    return s_gemm_own ? "own" : "openblas";
 }
 
 void vlm_cpu_init(int threads) {
@@ -157,7 +183,9 @@ void vlm_cpu_init(int threads) {
     s_threads = threads;
     omp_set_num_threads(threads);
 #ifdef VLM_HAVE_OPENBLAS
-    openblas_set_num_threads(threads);
+    /* OpenMP is the one thread pool: OpenBLAS (when selected) runs single-threaded inside our
+     * parallel regions; its own pthreads would otherwise fight the OpenMP workers for cores. */
+    openblas_set_num_threads(1);
 #endif
 }
 
@@ -180,14 +208,17 @@ const char *vlm_cpu_describe(void) {
         size_t len = strlen(feats);
         snprintf(feats + len, sizeof feats - len, "%s%s", len ? "," : "", f[i].name);
     }
-#ifdef VLM_HAVE_OPENBLAS
-    const char *gemm = "openblas";
-#else
-    const char *gemm = "builtin";
-#endif
-    snprintf(s_desc, sizeof s_desc, "%s; features=%s; linear_bf16=%s prefill=%s gemm_f32=%s; threads=%d",
+    char gemm[48];
+    if (s_gemm_own)
+        snprintf(gemm, sizeof gemm, "own-%s", vlm_gemm_kernel_name(s_path));
+    else
+        snprintf(gemm, sizeof gemm, "openblas");
+    snprintf(s_desc, sizeof s_desc,
+             "%s; features=%s; linear_bf16=%s decode(n=1)=%s prefill(n>=%lld)=%s gemm_f32=%s; threads=%d",
              s_model, feats[0] ? feats : "none", s_path_names[s_path],
-             s_gemm_min_rows > 0 ? gemm : s_path_names[s_path], gemm, s_threads);
+             s_path == VLM_CPU_AVX512 ? "gemv-avx512" : s_path_names[s_path],
+             (long long)s_gemm_min_rows, s_gemm_min_rows > 0 ? gemm : s_path_names[s_path], gemm,
+             s_threads);
     return s_desc;
 }
 
@@ -257,28 +288,42 @@ void vlm_dot_rows_scalar(const float *x, int64_t ldx, int nx, int64_t k, const v
  * multiple of OpenBLAS's register tile. */
 #define PANEL_ROWS 96
 
-static void linear_gemm(const float *x, int64_t n, int64_t k, const vlm_tensor *w, float *y) {
+/* The OpenBLAS alternative to the own GEMM (kept for comparison, VLMD_GEMM=openblas): OpenBLAS
+ * runs single-threaded (vlm_cpu_init) inside one OpenMP region, each thread converting and
+ * multiplying its own contiguous share of weight panels, so OpenMP stays the only thread pool. */
+static void linear_openblas(const float *x, int64_t n, int64_t k, const vlm_tensor *w, float *y) {
     const int64_t m = w->shape[0];
     const size_t esz = elem_size(w->dtype);
     CPU_ASSERT(n <= INT32_MAX && m <= INT32_MAX && k <= INT32_MAX); /* blasint may be 32-bit */
-    float *panel = malloc((size_t)PANEL_ROWS * (size_t)k * sizeof(float));
-    CPU_ASSERT(panel != NULL);
-    for (int64_t j0 = 0; j0 < m; j0 += PANEL_ROWS) {
-        const int64_t rows = m - j0 < PANEL_ROWS ? m - j0 : PANEL_ROWS;
-        const char *src = (const char *)w->data + (size_t)j0 * (size_t)k * esz;
-        // panel: [rows, k] f32 copy of W[j0 : j0+rows]. Converted on this thread on purpose: an
-        // OpenMP region here leaves its workers spinning while OpenBLAS's own pthreads want the
-        // same cores (measured 2x slower with 2 threads); conversion is ~1/n of the sgemm work.
-        for (int64_t r = 0; r < rows; r++)
-            vlm_cpu_convert_row(src + (size_t)r * (size_t)k * esz, w->dtype, k,
-                                panel + (size_t)r * (size_t)k);
-        // y[:, j0:j0+rows] = x[n, k] . panel^T
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)n, (blasint)rows,
-                    (blasint)k, 1.0f, x, (blasint)k, panel, (blasint)k, 0.0f, y + j0, (blasint)m);
+    const int64_t panels = (m + PANEL_ROWS - 1) / PANEL_ROWS;
+#pragma omp parallel
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        float *panel = malloc((size_t)PANEL_ROWS * (size_t)k * sizeof(float));
+        CPU_ASSERT(panel != NULL);
+        for (int64_t pi = panels * t / T; pi < panels * (t + 1) / T; pi++) {
+            const int64_t j0 = pi * PANEL_ROWS, rows = m - j0 < PANEL_ROWS ? m - j0 : PANEL_ROWS;
+            const char *src = (const char *)w->data + (size_t)j0 * (size_t)k * esz;
+            for (int64_t r = 0; r < rows; r++) // panel: [rows, k] f32 copy of W[j0 : j0+rows]
+                vlm_cpu_convert_row(src + (size_t)r * (size_t)k * esz, w->dtype, k,
+                                    panel + (size_t)r * (size_t)k);
+            // y[:, j0:j0+rows] = x[n, k] . panel^T
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)n, (blasint)rows,
+                        (blasint)k, 1.0f, x, (blasint)k, panel, (blasint)k, 0.0f, y + j0, (blasint)m);
+        }
+        free(panel);
     }
-    free(panel);
 }
 #endif
+
+static void linear_gemm(const float *x, int64_t n, int64_t k, const vlm_tensor *w, float *y) {
+#ifdef VLM_HAVE_OPENBLAS
+    if (!s_gemm_own) return linear_openblas(x, n, k, w, y);
+#endif
+    const vlm_gemm_args g = {.n = n, .m = w->shape[0], .k = k, .a = x, .lda = k, .b = w->data,
+                             .bdt = w->dtype, .ldb = k, .c = y, .ldc = w->shape[0]};
+    vlm_gemm_parallel(&g, s_path);
+}
 
 void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const vlm_tensor *bias,
                 float *y) {
@@ -291,20 +336,42 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
         CPU_ASSERT(bias->ndim == 1 && bias->shape[0] == m);
     }
     if (n == 0 || m == 0) return;
-#ifdef VLM_HAVE_OPENBLAS
     if (s_gemm_min_rows > 0 && n >= s_gemm_min_rows && k > 0) {
         linear_gemm(x, n, k, w, y);
-        if (bias) {
+        if (bias) { /* bias decoded to f32 once, then a vectorisable add per row */
+            float *bf = malloc((size_t)m * sizeof(float));
+            CPU_ASSERT(bf != NULL);
+            vlm_cpu_convert_row(bias->data, bias->dtype, m, bf);
 #pragma omp parallel for schedule(static)
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t j = 0; j < m; j++) y[i * m + j] += elem_at(bias->data, bias->dtype, j);
+            for (int64_t i = 0; i < n; i++) {
+                float *yi = y + i * m;
+                for (int64_t j = 0; j < m; j++) yi[j] += bf[j];
+            }
+            free(bf);
         }
         return;
     }
-#endif
     const vlm_dot_rows_fn dot = s_kernels[s_path];
     const size_t esz = elem_size(w->dtype);
     const vlm_dtype dt = w->dtype;
+    if (n == 1 && s_path == VLM_CPU_AVX512) {
+        /* decode: each thread streams one contiguous block of rows (a multiple of 4, so the
+         * kernel's 4-row groups never straddle threads) straight into y */
+        const int64_t groups = (m + 3) / 4;
+#pragma omp parallel
+        {
+            const int t = omp_get_thread_num(), T = omp_get_num_threads();
+            const int64_t r0 = groups * t / T * 4, r1 = groups * (t + 1) / T * 4;
+            const int64_t hi = r1 < m ? r1 : m;
+            if (r0 < hi) {
+                vlm_gemv_avx512(x, k, (const char *)w->data + (size_t)r0 * (size_t)k * esz,
+                                (size_t)k * esz, hi - r0, dt, y + r0);
+                if (bias)
+                    for (int64_t j = r0; j < hi; j++) y[j] += elem_at(bias->data, bias->dtype, j);
+            }
+        }
+        return;
+    }
     // y: [n, m]; each thread owns a contiguous block of weight-row pairs and streams it once.
     // n = 1 takes one weight row per call (bandwidth bound, nothing to reuse); n > 1 takes two.
     const int nw = n > 1 ? VLM_DOT_MAX_WROWS : 1;
@@ -329,6 +396,8 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
 }
 
 /* ---- vlm_gemm_f32 ---- */
+/* Below this many rows of a, vlm_gemm_f32 streams B instead of packing it (see the comment there). */
+#define GEMM_F32_MIN_ROWS 4
 void vlm_gemm_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b,
                   int64_t ldb, bool b_trans, float beta, float *c, int64_t ldc) {
     ensure_init();
@@ -336,7 +405,7 @@ void vlm_gemm_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, 
     CPU_ASSERT(ldb >= (b_trans ? k : n));
     if (m == 0 || n == 0) return;
 #ifdef VLM_HAVE_OPENBLAS
-    if (k > 0) {
+    if (!s_gemm_own && k > 0) {
         CPU_ASSERT(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && lda <= INT32_MAX &&
                    ldb <= INT32_MAX && ldc <= INT32_MAX); /* blasint may be 32-bit */
         cblas_sgemm(CblasRowMajor, CblasNoTrans, b_trans ? CblasTrans : CblasNoTrans, (blasint)m,
@@ -345,24 +414,40 @@ void vlm_gemm_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, 
         return;
     }
 #endif
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < m; i++) {
-        // c[i, :] = beta * c[i, :] + a[i, :k] . op(b)
-        float *ci = c + i * ldc;
-        const float *ai = a + i * lda;
-        for (int64_t j = 0; j < n; j++) ci[j] = beta == 0.0f ? 0.0f : beta * ci[j];
-        if (b_trans) {
-            for (int64_t j = 0; j < n; j++) {
-                const float *bj = b + j * ldb;
-                float s = 0.0f;
-                for (int64_t t = 0; t < k; t++) s += ai[t] * bj[t];
-                ci[j] += s;
-            }
-        } else {
-            for (int64_t t = 0; t < k; t++) {
-                const float av = ai[t], *bt = b + t * ldb;
-                for (int64_t j = 0; j < n; j++) ci[j] += av * bt[j];
+    if (m < GEMM_F32_MIN_ROWS) {
+        /* decode-size products (per-head attention at one query row): a register tile of 14 rows
+         * would do 14x the work and packing would copy the whole K/V once per call, so stream B
+         * directly: the dot-row kernel for b_trans (K rows as f32 "weights"), an axpy otherwise. */
+        const vlm_dot_rows_fn dot = s_kernels[s_path];
+        for (int64_t i = 0; i < m; i++) {
+            const float *ai = a + i * lda;
+            float *ci = c + i * ldc;
+            if (b_trans) {
+                for (int64_t j = 0; j < n; j += VLM_DOT_MAX_WROWS) {
+                    const int nw = (int)(n - j < VLM_DOT_MAX_WROWS ? n - j : VLM_DOT_MAX_WROWS);
+                    float out[VLM_DOT_MAX_WROWS * VLM_DOT_MAX_ROWS];
+                    dot(ai, k, 1, k, b + j * ldb, (size_t)ldb * sizeof(float), nw, VLM_F32, out);
+                    for (int r = 0; r < nw; r++)
+                        ci[j + r] = (beta == 0.0f ? 0.0f : beta * ci[j + r]) + out[r * VLM_DOT_MAX_ROWS];
+                }
+            } else {
+                for (int64_t j = 0; j < n; j++) ci[j] = beta == 0.0f ? 0.0f : beta * ci[j];
+                for (int64_t t = 0; t < k; t++) {
+                    const float av = ai[t], *bt = b + t * ldb;
+                    for (int64_t j = 0; j < n; j++) ci[j] += av * bt[j];
+                }
             }
         }
+        return;
     }
+    if (beta != 0.0f && beta != 1.0f) {
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < n; j++) c[i * ldc + j] *= beta;
+    }
+    // the GEMM's rows are this function's m; its B columns (weight rows) this function's n
+    const vlm_gemm_args g = {.n = m, .m = n, .k = k, .a = a, .lda = lda, .b = b, .bdt = VLM_F32,
+                             .ldb = ldb, .b_kn = !b_trans, .c = c, .ldc = ldc,
+                             .accumulate = beta != 0.0f};
+    vlm_gemm_parallel(&g, s_path);
 }

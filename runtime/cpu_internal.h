@@ -25,6 +25,11 @@ void vlm_dot_rows_avx2(const float *x, int64_t ldx, int nx, int64_t k, const voi
 void vlm_dot_rows_avx512(const float *x, int64_t ldx, int nx, int64_t k, const void *w,
                          size_t ldw_bytes, int nw, vlm_dtype dt, float *out);
 
+/* n = 1 GEMV (AVX-512 F+BW): out[r] = dot(x[0..k), weight row r) for r < rows, rows at
+ * w + r * ldw_bytes in dtype dt; four rows streamed side by side with software prefetch. */
+void vlm_gemv_avx512(const float *x, int64_t k, const void *w, size_t ldw_bytes, int64_t rows,
+                     vlm_dtype dt, float *out);
+
 /* Converts n weight elements of dtype dt to f32 (used by the GEMM path for large n). */
 void vlm_cpu_convert_row(const void *w, vlm_dtype dt, int64_t n, float *out);
 
@@ -37,9 +42,51 @@ vlm_cpu_path vlm_cpu_active_path(void);
 bool vlm_cpu_path_supported(vlm_cpu_path p);
 const char *vlm_cpu_path_name(vlm_cpu_path p);
 
-/* Rows of x at or above which vlm_linear uses the blocked GEMM (OpenBLAS sgemm on converted weight
- * panels) instead of the dot-row kernels; 0 disables the GEMM path (tests use this to cover both).
- * Returns the previous value. */
+/* Rows of x at or above which vlm_linear uses the blocked GEMM instead of the dot-row kernels;
+ * 0 disables the GEMM path (tests use this to cover both). Returns the previous value. */
 int64_t vlm_cpu_set_gemm_min_rows(int64_t rows);
+
+/* ---- blocked GEMM (cpu_gemm.c) ----
+ * C[i, j] = (accumulate ? C[i, j] : 0) + sum_t A[i, t] * B(j, t), i < n, j < m, t < k, where
+ * B(j, t) = b[j * ldb + t] in dtype bdt (F32/BF16/F16; a weight matrix [m, k]) when !b_kn, or
+ * ((const float *)b)[t * ldb + j] (an f32 [k, m] matrix) when b_kn. With accumulate false, C's
+ * previous contents (even NaN) are ignored. */
+typedef struct {
+    int64_t n, m, k;
+    const float *a;
+    int64_t lda;
+    const void *b;
+    vlm_dtype bdt;
+    int64_t ldb;
+    bool b_kn;
+    float *c;
+    int64_t ldc;
+    bool accumulate;
+} vlm_gemm_args;
+/* On the calling thread only (for callers that parallelise over independent products, e.g.
+ * attention heads), with the micro-kernel of `path`; scratch is vlm_gemm_scratch_bytes() bytes
+ * the caller owns (reused across calls), or NULL to allocate one for this call. */
+void vlm_gemm_serial(const vlm_gemm_args *g, vlm_cpu_path path, float *scratch);
+size_t vlm_gemm_scratch_bytes(void);
+/* Split statically over the OpenMP threads (one output slab each); runs serially when called
+ * inside a parallel region. */
+void vlm_gemm_parallel(const vlm_gemm_args *g, vlm_cpu_path path);
+const char *vlm_gemm_kernel_name(vlm_cpu_path p);
+
+/* Blocked ("flash") attention, cpu_attn.c: for each head h < H and query row i < nq,
+ *   out[i*ldo + h*D + d] = sum_j p_ij v[j*ldv + hk*D + d],  p_i = softmax_j(scale * q_i . k_j)
+ * with q_i = q + i*ldq + h*D, k_j = k + j*ldk + hk*D, hk = h / (H / Hkv) (GQA). causal_offset < 0:
+ * every key j < nk is visible; >= 0: only j <= i + causal_offset (prefill chunk after
+ * causal_offset cached tokens: nk = causal_offset + nq). Never materialises [nq, nk]; threads
+ * split (head, query block) pairs. */
+void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const float *q, int64_t ldq,
+                       const float *k, int64_t ldk, const float *v, int64_t ldv, float scale,
+                       int64_t causal_offset, float *out, int64_t ldo);
+
+/* Which library does the many-row products (vlm_linear at n >= gemm_min_rows, vlm_gemm_f32):
+ * "own" (cpu_gemm.c) or "openblas" (only when built with it). Returns 0, or -1 when unknown or
+ * not built. Env VLMD_GEMM does the same at init. */
+int vlm_cpu_set_gemm_backend(const char *name);
+const char *vlm_cpu_gemm_backend(void);
 
 #endif

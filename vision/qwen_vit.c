@@ -6,9 +6,10 @@
  * Linear) -> [Np/M², out_hidden].
  *
  * Weights stay in the checkpoint's dtype (BF16 or F32, mmapped) and go through vlm_linear;
- * only the small LayerNorm vectors are converted to f32 at load. Attention runs per head over
- * blocks of query rows with the full score row (about 4M floats per block), so a 9216-patch image
- * never materialises a 9216² matrix per head. */
+ * only the small LayerNorm vectors are converted to f32 at load. Attention is the runtime's blocked
+ * (flash-style) vlm_attention_f32: scores exist only as 128x256 tiles, so a 9216-patch image never
+ * materialises a 9216² matrix. */
+#include "runtime/cpu_internal.h" /* vlm_attention_f32 */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -225,78 +226,16 @@ static void apply_rope(const vlm_vit *v, float *qkv, int64_t n, const int32_t *r
     }
 }
 
-/* Query rows per block: the score block [bq, L] stays near 4M floats (16 MB) whatever the
- * segment length, and never below 128 rows so the products stay efficient. */
-static int64_t query_block(int64_t L) {
-    int64_t bq = ((int64_t)4 << 20) / (L > 0 ? L : 1);
-    if (bq < 128) bq = 128;
-    return bq < L ? bq : L;
-}
-
-/* out rows [s0, s0+L) = softmax(Q Kᵀ · scale) V per head, for one segment (no mask).
- * The two products go through vlm_linear (x · Wᵀ with an f32 "weight"): S = Q_h · K_hᵀ with K_h
- * packed [L, D], then O = P · (V_hᵀ)ᵀ with V_hᵀ packed [D, L]. Heads and query blocks run one
- * after another so that the kernel's own threading gets every core. */
+/* out rows [s0, s0+L) = softmax(Q Kᵀ · scale) V per head, for one segment (no mask), with the
+ * runtime's blocked attention (runtime/cpu_attn.c): Q, K, V are read in place from the fused qkv
+ * rows [q | k | v] and the [L, L] scores are never materialised (L is 9,216 for 1344x1344). */
 static vlm_status attention_segment(const vlm_vit *v, const float *qkv, int64_t s0, int64_t L,
                                     float *out) {
-    const int E = v->E, D = v->D, H = v->H;
-    const float scale = 1.0f / sqrtf((float)D);
-    const int64_t bq = query_block(L);
-    float *K = malloc((size_t)L * D * sizeof(float));  /* [L, D] */
-    float *Vt = malloc((size_t)L * D * sizeof(float)); /* [D, L] */
-    float *Q = malloc((size_t)bq * D * sizeof(float)); /* [bq, D] */
-    float *O = malloc((size_t)bq * D * sizeof(float)); /* [bq, D] */
-    float *S = malloc((size_t)bq * L * sizeof(float)); /* [bq, L] */
-    vlm_status st = VLM_OK;
-    if (!K || !Vt || !Q || !O || !S) {
-        st = VLM_E_NOMEM;
-        goto done;
-    }
-    vlm_tensor kt = {.dtype = VLM_F32, .ndim = 2, .shape = {L, D}, .data = K,
-                     .nbytes = (size_t)L * D * sizeof(float)};
-    vlm_tensor vt = {.dtype = VLM_F32, .ndim = 2, .shape = {D, L}, .data = Vt,
-                     .nbytes = (size_t)L * D * sizeof(float)};
-    for (int h = 0; h < H; h++) {
-        const float *qh = qkv + s0 * 3 * E + (int64_t)h * D;
-#pragma omp parallel for schedule(static)
-        for (int64_t j = 0; j < L; j++) {
-            const float *row = qh + j * 3 * E;
-            for (int d = 0; d < D; d++) {
-                K[j * D + d] = row[E + d];
-                Vt[(int64_t)d * L + j] = row[2 * E + d];
-            }
-        }
-        for (int64_t q0 = 0; q0 < L; q0 += bq) {
-            const int64_t nb = L - q0 < bq ? L - q0 : bq;
-            for (int64_t i = 0; i < nb; i++) memcpy(Q + i * D, qh + (q0 + i) * 3 * E, D * sizeof(float));
-            vlm_linear(Q, nb, D, &kt, NULL, S); /* S: [nb, L] */
-#pragma omp parallel for schedule(static)
-            for (int64_t i = 0; i < nb; i++) {
-                float *r = S + i * L, mx = -INFINITY;
-                for (int64_t j = 0; j < L; j++) {
-                    r[j] *= scale;
-                    if (r[j] > mx) mx = r[j];
-                }
-                double sum = 0;
-                for (int64_t j = 0; j < L; j++) {
-                    r[j] = expf(r[j] - mx);
-                    sum += r[j];
-                }
-                const float inv = (float)(1.0 / sum);
-                for (int64_t j = 0; j < L; j++) r[j] *= inv;
-            }
-            vlm_linear(S, nb, L, &vt, NULL, O); /* O: [nb, D] */
-            for (int64_t i = 0; i < nb; i++)
-                memcpy(out + (s0 + q0 + i) * E + (int64_t)h * D, O + i * D, D * sizeof(float));
-        }
-    }
-done:
-    free(K);
-    free(Vt);
-    free(Q);
-    free(O);
-    free(S);
-    return st;
+    const int64_t E = v->E;
+    const float *base = qkv + s0 * 3 * E;
+    vlm_attention_f32(L, L, v->H, v->H, v->D, base, 3 * E, base + E, 3 * E, base + 2 * E, 3 * E,
+                      1.0f / sqrtf((float)v->D), -1, out + s0 * E, E);
+    return VLM_OK;
 }
 
 static inline float quick_gelu(float z) { return z / (1.0f + expf(-1.702f * z)); }

@@ -5,6 +5,7 @@
 #include "runtime/cpu_internal.h"
 #include "tests/unit/test.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -143,24 +144,42 @@ static void test_linear_every_path(void) {
     vlm_cpu_set_gemm_min_rows(old);
 }
 
+/* The blocked GEMM (cpu_gemm.c) with every micro-kernel this CPU runs, then OpenBLAS. */
 static void test_linear_gemm_path(void) {
+    const int64_t old = vlm_cpu_set_gemm_min_rows(1); /* every n through the GEMM */
+    CHECK_EQ_INT(vlm_cpu_set_gemm_backend("own"), 0);
+    for (int p = 0; p < VLM_CPU_PATH_COUNT; p++) {
+        char label[64];
+        snprintf(label, sizeof label, "gemm-%s", vlm_gemm_kernel_name((vlm_cpu_path)p));
+        if (vlm_cpu_force_path(vlm_cpu_path_name((vlm_cpu_path)p)) != 0) {
+            fprintf(stderr, "  %s: not supported by this CPU, skipped\n", label);
+            continue;
+        }
+        linear_cases(label);
+    }
+    CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
 #ifdef VLM_HAVE_OPENBLAS
-    const int64_t old = vlm_cpu_set_gemm_min_rows(1); /* every n through converted panels + sgemm */
+    CHECK_EQ_INT(vlm_cpu_set_gemm_backend("openblas"), 0);
     linear_cases("openblas-panels");
-    vlm_cpu_set_gemm_min_rows(old);
+    CHECK_EQ_INT(vlm_cpu_set_gemm_backend("own"), 0);
 #else
-    fprintf(stderr, "  built without OpenBLAS: no GEMM path to test\n");
+    CHECK(vlm_cpu_set_gemm_backend("openblas") == -1);
+    fprintf(stderr, "  built without OpenBLAS: openblas backend not tested\n");
 #endif
+    CHECK(vlm_cpu_set_gemm_backend("nope") == -1);
+    vlm_cpu_set_gemm_min_rows(old);
 }
 
-static void test_gemm_f32(void) {
-    const int64_t dims[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 31, 64}, {64, 130, 100}, {5, 257, 15}};
+static void gemm_f32_cases(void) {
+    const int64_t dims[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 31, 64}, {64, 130, 100}, {5, 257, 15},
+                               {29, 33, 300}, {400, 70, 80}, {15, 600, 17}, {2, 259, 128},
+                               {1, 300, 64}};
     for (int di = 0; di < LEN(dims); di++)
         for (int trans = 0; trans < 2; trans++)
-            for (int bi = 0; bi < 2; bi++) {
+            for (int bi = 0; bi < 2; bi++) { /* beta 0, then 1 or 0.5 */
                 const int64_t m = dims[di][0], n = dims[di][1], k = dims[di][2];
                 const int64_t lda = k + 3, ldb = (trans ? k : n) + 5, ldc = n + 2;
-                const float beta = (float)bi;
+                const float beta = bi ? 0.5f * (float)bi + 0.5f * (float)(di % 2) : 0.0f;
                 const int64_t brows = trans ? n : k;
                 float *a = malloc((size_t)(m * lda) * 4), *b = malloc((size_t)(brows * ldb) * 4);
                 float *c = malloc((size_t)(m * ldc) * 4), *c0 = malloc((size_t)(m * ldc) * 4);
@@ -176,7 +195,7 @@ static void test_gemm_f32(void) {
                             if (memcmp(&c[i * ldc + j], &c0[i * ldc + j], 4)) bad++;
                             continue;
                         }
-                        double ref = bi ? c0[i * ldc + j] : 0, mag = fabs(ref);
+                        double ref = bi ? beta * c0[i * ldc + j] : 0, mag = fabs(ref);
                         for (int64_t t = 0; t < k; t++) {
                             const double bv = trans ? b[j * ldb + t] : b[t * ldb + j];
                             ref += (double)a[i * lda + t] * bv, mag += fabs((double)a[i * lda + t] * bv);
@@ -187,6 +206,100 @@ static void test_gemm_f32(void) {
                        (long long)n, (long long)k, trans, beta, bad);
                 free(a), free(b), free(c), free(c0);
             }
+}
+
+static void test_gemm_f32(void) {
+    for (int p = 0; p < VLM_CPU_PATH_COUNT; p++) {
+        if (vlm_cpu_force_path(vlm_cpu_path_name((vlm_cpu_path)p)) != 0) continue;
+        gemm_f32_cases();
+    }
+    CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
+#ifdef VLM_HAVE_OPENBLAS
+    CHECK_EQ_INT(vlm_cpu_set_gemm_backend("openblas"), 0);
+    gemm_f32_cases();
+    CHECK_EQ_INT(vlm_cpu_set_gemm_backend("own"), 0);
+#endif
+}
+
+/* vlm_gemm_serial inside a parallel region (how attention uses it): each thread its own product
+ * and scratch, results equal to the parallel entry point's bit for bit (same blocking). */
+static void test_gemm_serial_in_parallel(void) {
+    const int64_t n = 45, m = 70, k = 300;
+    float *a = malloc((size_t)(n * k) * 4), *b = malloc((size_t)(m * k) * 4);
+    float *c_par = malloc((size_t)(n * m) * 4), *c_ser = malloc((size_t)(4 * n * m) * 4);
+    for (int64_t i = 0; i < n * k; i++) a[i] = rnd_unit();
+    for (int64_t i = 0; i < m * k; i++) b[i] = rnd_unit();
+    const vlm_cpu_path path = vlm_cpu_active_path();
+    vlm_gemm_args g = {.n = n, .m = m, .k = k, .a = a, .lda = k, .b = b, .bdt = VLM_F32, .ldb = k,
+                       .c = c_par, .ldc = m};
+    vlm_gemm_parallel(&g, path);
+    int bad = 0;
+#pragma omp parallel for reduction(+ : bad)
+    for (int r = 0; r < 4; r++) {
+        float *scratch = malloc(vlm_gemm_scratch_bytes());
+        vlm_gemm_args gs = g;
+        gs.c = c_ser + (size_t)r * (size_t)(n * m);
+        vlm_gemm_serial(&gs, path, r % 2 ? scratch : NULL);
+        bad += memcmp(gs.c, c_par, (size_t)(n * m) * 4) != 0;
+        free(scratch);
+    }
+    CHECK_EQ_INT(bad, 0);
+    free(a), free(b), free(c_par), free(c_ser);
+}
+
+/* Blocked attention vs a double-precision softmax reference: several query/key blocks with
+ * ragged ends, GQA, causal with a cached prefix, every path this CPU runs. The output is a convex
+ * combination of v rows (|v| <= 1), so an absolute tolerance fits: f32 sums of <= 300 terms plus
+ * the vectorised exp (~2 ulp) stay far below 1e-5; a wrong or missing key moves the output by
+ * ~1/nk >= 3e-3. */
+#define ATTN_ABS_TOL 1e-5
+static void attn_case(int64_t nq, int64_t nk, int H, int Hkv, int D, int64_t causal) {
+    const int64_t ldq = (int64_t)H * D + 3, ldk = (int64_t)Hkv * D + 5, ldo = (int64_t)H * D + 1;
+    float *q = malloc((size_t)(nq * ldq) * 4), *k = malloc((size_t)(nk * ldk) * 4);
+    float *v = malloc((size_t)(nk * ldk) * 4), *o = malloc((size_t)(nq * ldo) * 4);
+    for (int64_t i = 0; i < nq * ldq; i++) q[i] = 2.0f * rnd_unit();
+    for (int64_t i = 0; i < nk * ldk; i++) k[i] = 2.0f * rnd_unit(), v[i] = rnd_unit();
+    const float scale = 1.0f / sqrtf((float)D);
+    double *p = malloc((size_t)nk * sizeof(double));
+    for (int path = 0; path < VLM_CPU_PATH_COUNT; path++) {
+        if (vlm_cpu_force_path(vlm_cpu_path_name((vlm_cpu_path)path)) != 0) continue;
+        for (int64_t i = 0; i < nq * ldo; i++) o[i] = NAN;
+        vlm_attention_f32(nq, nk, H, Hkv, D, q, ldq, k, ldk, v, ldk, scale, causal, o, ldo);
+        double worst = 0;
+        for (int h = 0; h < H; h++) {
+            const int hk = h / (H / Hkv);
+            for (int64_t i = 0; i < nq; i++) {
+                const int64_t vis = causal < 0 ? nk : (i + causal + 1 < nk ? i + causal + 1 : nk);
+                double mx = -INFINITY, sum = 0;
+                for (int64_t j = 0; j < vis; j++) {
+                    double dot = 0;
+                    for (int d = 0; d < D; d++) dot += (double)q[i * ldq + h * D + d] * k[j * ldk + hk * D + d];
+                    p[j] = dot * scale;
+                    if (p[j] > mx) mx = p[j];
+                }
+                for (int64_t j = 0; j < vis; j++) sum += (p[j] = exp(p[j] - mx));
+                for (int d = 0; d < D; d++) {
+                    double ref = 0;
+                    for (int64_t j = 0; j < vis; j++) ref += p[j] / sum * v[j * ldk + hk * D + d];
+                    const double err = fabs(o[i * ldo + h * D + d] - ref);
+                    if (!(err <= worst)) worst = err; /* NaN propagates into worst */
+                }
+            }
+        }
+        CHECKF(worst <= ATTN_ABS_TOL, "attention %s nq=%lld nk=%lld H=%d Hkv=%d D=%d causal=%lld: max err %g",
+               vlm_cpu_path_name((vlm_cpu_path)path), (long long)nq, (long long)nk, H, Hkv, D,
+               (long long)causal, worst);
+    }
+    CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
+    free(q), free(k), free(v), free(o), free(p);
+}
+
+static void test_attention(void) {
+    attn_case(1, 1, 1, 1, 8, -1);
+    attn_case(130, 300, 2, 1, 80, -1);   /* 2 query blocks, 2 key blocks, GQA 2:1 */
+    attn_case(140, 140, 2, 2, 64, 0);    /* causal prefill from position 0 */
+    attn_case(37, 290, 4, 2, 16, 253);   /* causal chunk after 253 cached tokens */
+    attn_case(3, 259, 1, 1, 33, 256);    /* decode-like: few queries, odd head_dim */
 }
 
 static void test_describe_threads(void) {
@@ -207,5 +320,7 @@ int main(void) {
     RUN(test_linear_every_path);
     RUN(test_linear_gemm_path);
     RUN(test_gemm_f32);
+    RUN(test_gemm_serial_in_parallel);
+    RUN(test_attention);
     TEST_MAIN_END("cpu");
 }

@@ -1,0 +1,180 @@
+/* cpu_attn.c — blocked ("flash") multi-head attention on f32 rows, for the vision transformer
+ * (one image = one segment of up to ~9k patches) and usable by the decoder's prefill:
+ *     out[i, h] = sum_j softmax_j(scale * q[i, h] . k[j, hk]) v[j, hk],   hk = h / (H / Hkv)
+ * optionally causal (query i sees keys j <= i + causal_offset).
+ *
+ * Why blocked: the score matrix is never materialised. Each task (one head x BQ query rows) walks
+ * the keys BK at a time: S = Q Kᵀ tile through the blocked GEMM (vlm_gemm_serial, packed, register
+ * tiled), an online-softmax update of the running row max m and sum l (rescaling the partial output
+ * by exp(m_old - m_new)), then O += P V through the same GEMM. Memory per thread is
+ * BQ x BK + BQ x D floats plus the GEMM's packing buffer, whatever the sequence length.
+ * Tasks are independent, so (head, query block) pairs are split over the OpenMP threads and each
+ * GEMM runs on its own thread. exp is vectorised on AVX-512 (relative error ~2 ulp, see exp512). */
+#include "runtime/cpu_internal.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ATT_BQ 128 /* query rows per task */
+#define ATT_BK 256 /* keys per inner block: S tile 128 x 256 f32 = 128 KiB, in L2 */
+
+static _Noreturn void attn_invariant_failed(const char *what) {
+    fprintf(stderr, "vlmd: invariant failed in cpu_attn.c: %s\n", what);
+    abort();
+}
+#define ATT_ASSERT(c)                                                                         \
+    do {                                                                                      \
+        if (!(c)) attn_invariant_failed(#c);                                                  \
+    } while (0)
+
+/* e^x for 16 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 Taylor/minimax polynomial
+ * (truncation error r^7/7! < 1.3e-7 relative, ~2 ulp, on that interval), then scaled by 2^n with vscalefps, which
+ * also gives 0 for very negative x (x = -inf -> 0, the masked-score case). */
+__attribute__((target("avx512f"))) static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); /* e^-104 underflows to 0 via scalef */
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2 hi */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);   /* ln2 lo */
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* One score row s[0..nk) (already masked to -inf where not allowed): scale, update the running
+ * max *m and sum *l, overwrite s with the probabilities exp(scale*s - m_new); returns the factor
+ * the row's partial output must be multiplied by (exp(m_old - m_new); 1 if the row is still
+ * entirely masked). */
+static float softmax_row_scalar(float *s, int64_t nk, float scale, float *m, float *l) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < nk; j++) {
+        s[j] *= scale;
+        if (s[j] > mx) mx = s[j];
+    }
+    const float m_new = mx > *m ? mx : *m;
+    if (m_new == -INFINITY) { /* nothing visible yet */
+        for (int64_t j = 0; j < nk; j++) s[j] = 0.0f;
+        return 1.0f;
+    }
+    const float corr = expf(*m - m_new);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < nk; j++) {
+        s[j] = expf(s[j] - m_new);
+        sum += s[j];
+    }
+    *m = m_new;
+    *l = *l * corr + sum;
+    return corr;
+}
+
+__attribute__((target("avx512f"))) static float softmax_row_avx512(float *s, int64_t nk, float scale,
+                                                                   float *m, float *l) {
+    const __m512 vs = _mm512_set1_ps(scale);
+    __m512 vmx = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 16 <= nk; j += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(s + j), vs);
+        _mm512_storeu_ps(s + j, v);
+        vmx = _mm512_max_ps(vmx, v);
+    }
+    const __mmask16 tail = (__mmask16)((1u << (nk - j)) - 1);
+    if (tail) {
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, s + j), vs);
+        _mm512_mask_storeu_ps(s + j, tail, v);
+        vmx = _mm512_mask_max_ps(vmx, tail, vmx, v);
+    }
+    const float mx = _mm512_reduce_max_ps(vmx);
+    const float m_new = mx > *m ? mx : *m;
+    if (m_new == -INFINITY) {
+        memset(s, 0, (size_t)nk * sizeof(float));
+        return 1.0f;
+    }
+    const float corr = expf(*m - m_new);
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 vsum = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= nk; j += 16) {
+        const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm));
+        _mm512_storeu_ps(s + j, p);
+        vsum = _mm512_add_ps(vsum, p);
+    }
+    if (tail) {
+        const __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), vm));
+        _mm512_mask_storeu_ps(s + j, tail, p);
+        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(tail, p));
+    }
+    *m = m_new;
+    *l = *l * corr + _mm512_reduce_add_ps(vsum);
+    return corr;
+}
+
+void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const float *q, int64_t ldq,
+                       const float *k, int64_t ldk, const float *v, int64_t ldv, float scale,
+                       int64_t causal_offset, float *out, int64_t ldo) {
+    ATT_ASSERT(nq >= 0 && nk >= 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0);
+    ATT_ASSERT(ldq >= (int64_t)H * D && ldk >= (int64_t)Hkv * D && ldv >= (int64_t)Hkv * D &&
+               ldo >= (int64_t)H * D);
+    if (nq == 0) return;
+    const vlm_cpu_path path = vlm_cpu_active_path();
+    float (*const row_fn)(float *, int64_t, float, float *, float *) =
+        path == VLM_CPU_AVX512 ? softmax_row_avx512 : softmax_row_scalar;
+    const int64_t qblocks = (nq + ATT_BQ - 1) / ATT_BQ, tasks = qblocks * H;
+    const int group = H / Hkv;
+#pragma omp parallel
+    {
+        float *scratch = malloc(vlm_gemm_scratch_bytes());
+        float *S = malloc((size_t)ATT_BQ * ATT_BK * sizeof(float));
+        float *O = malloc((size_t)ATT_BQ * (size_t)D * sizeof(float));
+        float *mrow = malloc(ATT_BQ * sizeof(float)), *lrow = malloc(ATT_BQ * sizeof(float));
+        ATT_ASSERT(scratch && S && O && mrow && lrow);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; task++) {
+            const int h = (int)(task / qblocks), hk = h / group;
+            const int64_t i0 = (task % qblocks) * ATT_BQ;
+            const int64_t bq = nq - i0 < ATT_BQ ? nq - i0 : ATT_BQ;
+            /* keys this block can see at all: j <= i0 + bq - 1 + causal_offset */
+            int64_t kend = nk;
+            if (causal_offset >= 0 && i0 + bq + causal_offset < kend) kend = i0 + bq + causal_offset;
+            memset(O, 0, (size_t)bq * (size_t)D * sizeof(float));
+            for (int64_t i = 0; i < bq; i++) mrow[i] = -INFINITY, lrow[i] = 0.0f;
+            for (int64_t j0 = 0; j0 < kend; j0 += ATT_BK) {
+                const int64_t bk = kend - j0 < ATT_BK ? kend - j0 : ATT_BK;
+                // S[bq, bk] = Q_blk . K_blkᵀ (K rows are the GEMM's weight rows)
+                const vlm_gemm_args gs = {.n = bq, .m = bk, .k = D, .a = q + i0 * ldq + (int64_t)h * D,
+                                          .lda = ldq, .b = k + j0 * ldk + (int64_t)hk * D,
+                                          .bdt = VLM_F32, .ldb = ldk, .c = S, .ldc = bk};
+                vlm_gemm_serial(&gs, path, scratch);
+                for (int64_t i = 0; i < bq; i++) {
+                    float *srow = S + i * bk;
+                    if (causal_offset >= 0) { /* keys past i0 + i + causal_offset are hidden */
+                        const int64_t last = i0 + i + causal_offset - j0; /* last visible index */
+                        for (int64_t j = last + 1 < 0 ? 0 : last + 1; j < bk; j++) srow[j] = -INFINITY;
+                    }
+                    const float corr = row_fn(srow, bk, scale, &mrow[i], &lrow[i]);
+                    if (corr != 1.0f)
+                        for (int d = 0; d < D; d++) O[i * D + d] *= corr;
+                }
+                // O[bq, D] += P[bq, bk] . V_blk[bk, D]
+                const vlm_gemm_args gv = {.n = bq, .m = D, .k = bk, .a = S, .lda = bk,
+                                          .b = v + j0 * ldv + (int64_t)hk * D, .bdt = VLM_F32,
+                                          .ldb = ldv, .b_kn = true, .c = O, .ldc = D, .accumulate = true};
+                vlm_gemm_serial(&gv, path, scratch);
+            }
+            for (int64_t i = 0; i < bq; i++) {
+                const float inv = lrow[i] > 0.0f ? 1.0f / lrow[i] : 0.0f;
+                float *o = out + (i0 + i) * ldo + (int64_t)h * D;
+                for (int d = 0; d < D; d++) o[d] = O[i * D + d] * inv;
+            }
+        }
+        free(scratch), free(S), free(O), free(mrow), free(lrow);
+    }
+}

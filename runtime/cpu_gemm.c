@@ -1,0 +1,373 @@
+/* cpu_gemm.c — vlmd's own blocked GEMM for many-row products (prefill, vision, attention tiles):
+ *     C[i, j] (+)= sum_t A[i, t] * B(j, t)      i < n, j < m, t < k
+ * A is f32 row-major. B is either a weight matrix [m, k] (F32, BF16 or F16, row stride ldb) as
+ * vlm_linear sees it, or an f32 row-major [k, m] matrix (attention's P·V).
+ *
+ * Structure (the classic Goto/BLIS one, docs/cpu-kernels.md has the measurements):
+ *   - B is packed per call, KC x NC at a time, into f32 strips of NR columns ([kc][NR], zero
+ *     padded). Packing converts BF16/F16 once per element per call; the packed block is reused by
+ *     every row of A, so its cost is ~1/n of the multiply. Weights stay in their checkpoint dtype
+ *     (2 bytes/weight for bf16): no persistent f32 copy.
+ *   - A is packed KC x MC at a time into strips of MR rows ([kc][MR], zero padded).
+ *   - A register-tile micro-kernel (AVX-512 14x32, AVX2 6x16, portable C 4x16) multiplies one A
+ *     strip by one B strip with all MR x NR sums in registers, f32 FMA.
+ *   - Threads: the output is split statically into one contiguous slab per thread (column slabs
+ *     when there are enough NR strips, else row slabs); each thread packs its own blocks, so there
+ *     is no synchronisation inside the product and 2 threads scale without contention.
+ * Accumulation is f32; the order of the k sum is blocked (KC chunks), like any BLAS. */
+#include "runtime/cpu_internal.h"
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static _Noreturn void gemm_invariant_failed(const char *what) {
+    fprintf(stderr, "vlmd: invariant failed in cpu_gemm.c: %s\n", what);
+    abort();
+}
+#define GEMM_ASSERT(c)                                                                        \
+    do {                                                                                      \
+        if (!(c)) gemm_invariant_failed(#c);                                                  \
+    } while (0)
+
+/* Blocking. The A strip (KC x MR = 14 KiB for KC=256, MR=14) stays in L1 across the NC/NR B
+ * strips of the packed B block (KC x NC = 512 KiB, L2), which is streamed once per A strip. The A
+ * block (KC x MC, up to 1 MiB, L2/L3) is packed once per KC slice and reused by every NC block,
+ * so for n <= MC each element of A and B is packed exactly once per call (packing was ~20% of
+ * the time with A re-packed per NC block). */
+#define GEMM_KC 256
+#define GEMM_NC 512
+#define GEMM_MC 1008 /* multiple of every MR (14, 6, 4) */
+#define GEMM_MAX_MR 14
+#define GEMM_MAX_NR 32
+
+/* One micro-kernel: C[mr x nr tile at c, stride ldc] (= or +=) Ap[kc][MR] . Bp[kc][NR]ᵀ; only
+ * the first mv rows and nv columns are written (edge tiles). */
+typedef void (*ukr_fn)(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, int mv,
+                       int nv, bool acc);
+typedef struct {
+    int mr, nr;
+    ukr_fn fn;
+    const char *name;
+} gemm_kernel;
+
+/* Writes the tile t[MR][NR] (row stride nr) into C, only the valid part. */
+static inline void store_tile(const float *t, int nr, float *c, int64_t ldc, int mv, int nv,
+                              bool acc) {
+    for (int i = 0; i < mv; i++)
+        for (int j = 0; j < nv; j++) c[i * ldc + j] = acc ? c[i * ldc + j] + t[i * nr + j] : t[i * nr + j];
+}
+
+/* ---- portable micro-kernel, 4 x 16: the reference the SIMD ones are tested against ---- */
+static void ukr_c_4x16(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, int mv,
+                       int nv, bool acc) {
+    float t[4 * 16] = {0};
+    for (int64_t p = 0; p < kc; p++, ap += 4, bp += 16)
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 16; j++) t[i * 16 + j] += ap[i] * bp[j];
+    store_tile(t, 16, c, ldc, mv, nv, acc);
+}
+
+/* ---- AVX2 + FMA micro-kernel, 6 x 16: 12 accumulators, 2 B vectors, 1 broadcast ---- */
+__attribute__((target("avx2,fma"))) static void ukr_avx2_6x16(int64_t kc, const float *ap,
+                                                                const float *bp, float *c,
+                                                                int64_t ldc, int mv, int nv, bool acc) {
+    __m256 c0[6], c1[6];
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; i++) c0[i] = c1[i] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < kc; p++, ap += 6, bp += 16) {
+        const __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
+#pragma GCC unroll 6
+        for (int i = 0; i < 6; i++) {
+            const __m256 a = _mm256_broadcast_ss(ap + i);
+            c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
+            c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
+        }
+    }
+    if (mv == 6 && nv == 16) {
+#pragma GCC unroll 6
+        for (int i = 0; i < 6; i++) {
+            float *ci = c + i * ldc;
+            if (acc) {
+                c0[i] = _mm256_add_ps(c0[i], _mm256_loadu_ps(ci));
+                c1[i] = _mm256_add_ps(c1[i], _mm256_loadu_ps(ci + 8));
+            }
+            _mm256_storeu_ps(ci, c0[i]);
+            _mm256_storeu_ps(ci + 8, c1[i]);
+        }
+        return;
+    }
+    float t[6 * 16];
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; i++) _mm256_storeu_ps(t + i * 16, c0[i]), _mm256_storeu_ps(t + i * 16 + 8, c1[i]);
+    store_tile(t, 16, c, ldc, mv, nv, acc);
+}
+
+/* ---- AVX-512 micro-kernel, 14 x 32: 28 accumulators + 2 B vectors + 1 broadcast = 31 of the 32
+ * zmm registers; per k step 2 loads + 14 broadcasts feed 28 FMAs, enough to keep both FMA ports
+ * busy without being load bound. ---- */
+__attribute__((target("avx512f"))) static void ukr_avx512_14x32(int64_t kc, const float *ap,
+                                                                  const float *bp, float *c,
+                                                                  int64_t ldc, int mv, int nv,
+                                                                  bool acc) {
+    __m512 c0[14], c1[14];
+#pragma GCC unroll 14
+    for (int i = 0; i < 14; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kc; p++, ap += 14, bp += 32) {
+        const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+#pragma GCC unroll 14
+        for (int i = 0; i < 14; i++) {
+            const __m512 a = _mm512_set1_ps(ap[i]);
+            c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
+            c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+        }
+    }
+    if (mv == 14) {
+        /* full rows; columns masked when nv < 32 */
+        const __mmask16 k0 = nv >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nv) - 1);
+        const __mmask16 k1 = nv >= 32 ? (__mmask16)0xffff : nv <= 16 ? 0 : (__mmask16)((1u << (nv - 16)) - 1);
+#pragma GCC unroll 14
+        for (int i = 0; i < 14; i++) {
+            float *ci = c + i * ldc;
+            if (acc) {
+                c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(k0, ci));
+                c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(k1, ci + 16));
+            }
+            _mm512_mask_storeu_ps(ci, k0, c0[i]);
+            _mm512_mask_storeu_ps(ci + 16, k1, c1[i]);
+        }
+        return;
+    }
+    float t[14 * 32];
+#pragma GCC unroll 14
+    for (int i = 0; i < 14; i++) _mm512_storeu_ps(t + i * 32, c0[i]), _mm512_storeu_ps(t + i * 32 + 16, c1[i]);
+    store_tile(t, 32, c, ldc, mv, nv, acc);
+}
+
+static const gemm_kernel s_gemm_kernels[VLM_CPU_PATH_COUNT] = {
+    [VLM_CPU_SCALAR] = {4, 16, ukr_c_4x16, "c-4x16"},
+    [VLM_CPU_AVX2] = {6, 16, ukr_avx2_6x16, "avx2-6x16"},
+    [VLM_CPU_AVX512] = {14, 32, ukr_avx512_14x32, "avx512-14x32"},
+};
+
+const char *vlm_gemm_kernel_name(vlm_cpu_path p) {
+    return (p >= 0 && p < VLM_CPU_PATH_COUNT) ? s_gemm_kernels[p].name : "?";
+}
+
+/* ---- packing ---- */
+static size_t dt_size(vlm_dtype dt) { return dt == VLM_F32 ? 4 : 2; }
+
+/* Bp[s][p][jj] = B(j0 + s*NR + jj, p0 + p) for the nc x kc block, zero for j >= m. */
+static void pack_b(const vlm_gemm_args *g, int64_t j0, int64_t nc, int64_t p0, int64_t kc, int nr,
+                   float *bp) {
+    const int64_t strips = (nc + nr - 1) / nr;
+    if (g->b_kn) { /* f32 [k, m]: a strip row is NR consecutive floats */
+        const float *b = (const float *)g->b;
+        for (int64_t s = 0; s < strips; s++) {
+            const int64_t js = j0 + s * nr, w = nc - s * nr < nr ? nc - s * nr : nr;
+            float *dst = bp + s * kc * nr;
+            for (int64_t p = 0; p < kc; p++) {
+                const float *src = b + (p0 + p) * g->ldb + js;
+                int64_t jj = 0;
+                for (; jj < w; jj++) dst[p * nr + jj] = src[jj];
+                for (; jj < nr; jj++) dst[p * nr + jj] = 0.0f;
+            }
+        }
+        return;
+    }
+    const size_t esz = dt_size(g->bdt);
+    for (int64_t s = 0; s < strips; s++) {
+        const int64_t js = j0 + s * nr, w = nc - s * nr < nr ? nc - s * nr : nr;
+        float *dst = bp + s * kc * nr;
+        for (int64_t jj = 0; jj < w; jj++) { /* each weight row: kc contiguous elements */
+            const char *src = (const char *)g->b + ((size_t)(js + jj) * (size_t)g->ldb + (size_t)p0) * esz;
+            if (g->bdt == VLM_BF16) {
+                const uint16_t *h = (const uint16_t *)src;
+                for (int64_t p = 0; p < kc; p++) dst[p * nr + jj] = vlm_bf16_to_f32(h[p]);
+            } else if (g->bdt == VLM_F32) {
+                const float *f = (const float *)src;
+                for (int64_t p = 0; p < kc; p++) dst[p * nr + jj] = f[p];
+            } else {
+                float tmp[GEMM_KC];
+                vlm_cpu_convert_row(src, g->bdt, kc, tmp);
+                for (int64_t p = 0; p < kc; p++) dst[p * nr + jj] = tmp[p];
+            }
+        }
+        for (int64_t jj = w; jj < nr; jj++)
+            for (int64_t p = 0; p < kc; p++) dst[p * nr + jj] = 0.0f;
+    }
+}
+
+/* Ap[s][p][ii] = A(i0 + s*MR + ii, p0 + p) for the mc x kc block, zero for rows past mc. */
+static void pack_a(const float *a, int64_t lda, int64_t i0, int64_t mc, int64_t p0, int64_t kc,
+                   int mr, float *ap) {
+    const int64_t strips = (mc + mr - 1) / mr;
+    for (int64_t s = 0; s < strips; s++) {
+        const int64_t h = mc - s * mr < mr ? mc - s * mr : mr;
+        float *dst = ap + s * kc * mr;
+        for (int64_t ii = 0; ii < h; ii++) {
+            const float *src = a + (i0 + s * mr + ii) * lda + p0;
+            for (int64_t p = 0; p < kc; p++) dst[p * mr + ii] = src[p];
+        }
+        for (int64_t ii = h; ii < mr; ii++)
+            for (int64_t p = 0; p < kc; p++) dst[p * mr + ii] = 0.0f;
+    }
+}
+
+/* AVX-512 packers for the 14x32 kernel: one gather per k step instead of 14 (A) or 32 (B) scalar
+ * strided stores (packing was ~20% of a prefill GEMM in perf before). Lanes of rows past the
+ * edge are masked off, so they read nothing and pack as zero. Return false when the gather
+ * offsets would not fit int32 (then the portable packers run). */
+__attribute__((target("avx512f"))) static bool pack_a_avx512(const float *a, int64_t lda, int64_t i0,
+                                                              int64_t mc, int64_t p0, int64_t kc,
+                                                              float *ap) {
+    if (lda > INT32_MAX / 16) return false;
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)lda));
+    for (int64_t s = 0; s * 14 < mc; s++) {
+        const int64_t h = mc - s * 14 < 14 ? mc - s * 14 : 14;
+        const __mmask16 mask = (__mmask16)((1u << h) - 1);
+        const float *base = a + (i0 + s * 14) * lda + p0;
+        float *dst = ap + s * kc * 14;
+        for (int64_t p = 0; p < kc; p++)
+            _mm512_mask_storeu_ps(dst + p * 14, 0x3fff,
+                                  _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, base + p, 4));
+    }
+    return true;
+}
+
+__attribute__((target("avx512f"))) static bool pack_b_avx512(const vlm_gemm_args *g, int64_t j0,
+                                                              int64_t nc, int64_t p0, int64_t kc,
+                                                              float *bp) {
+    if (g->b_kn || g->bdt == VLM_F16 || g->ldb > INT32_MAX / 64) return false;
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i idx0 = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)g->ldb));
+    const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32((int)(16 * g->ldb)));
+    for (int64_t s = 0; s * 32 < nc; s++) {
+        const int64_t w = nc - s * 32 < 32 ? nc - s * 32 : 32;
+        const __mmask16 m0 = w >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << w) - 1);
+        const __mmask16 m1 = w >= 32 ? (__mmask16)0xffff : w <= 16 ? 0 : (__mmask16)((1u << (w - 16)) - 1);
+        float *dst = bp + s * kc * 32;
+        if (g->bdt == VLM_F32) {
+            const float *base = (const float *)g->b + (j0 + s * 32) * g->ldb + p0;
+            for (int64_t p = 0; p < kc; p++) {
+                _mm512_store_ps(dst + p * 32, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, idx0, base + p, 4));
+                _mm512_store_ps(dst + p * 32 + 16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, idx1, base + p, 4));
+            }
+            continue;
+        }
+        /* BF16: a 32-bit gather at element p-1 holds element p in its high half, which is exactly
+         * that element's f32 bit pattern once the low half is cleared; reading from p-1 (not p)
+         * never touches memory past element p. Element 0 of each row is packed with scalars. */
+        const uint16_t *base = (const uint16_t *)g->b + (j0 + s * 32) * g->ldb + p0;
+        for (int64_t jj = 0; jj < 32; jj++)
+            dst[jj] = jj < w ? vlm_bf16_to_f32(base[jj * g->ldb]) : 0.0f;
+        const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+        for (int64_t p = 1; p < kc; p++) {
+            const __m512i v0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m0, idx0, base + p - 1, 2);
+            const __m512i v1 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m1, idx1, base + p - 1, 2);
+            _mm512_store_ps(dst + p * 32, _mm512_castsi512_ps(_mm512_and_si512(v0, hi)));
+            _mm512_store_ps(dst + p * 32 + 16, _mm512_castsi512_ps(_mm512_and_si512(v1, hi)));
+        }
+    }
+    return true;
+}
+
+/* Bytes of packing buffer one thread needs (A block + B block), 64-byte aligned pieces. */
+size_t vlm_gemm_scratch_bytes(void) {
+    return ((size_t)GEMM_KC * GEMM_MC + (size_t)GEMM_KC * (GEMM_NC + GEMM_MAX_NR)) * sizeof(float) + 128;
+}
+
+/* The product restricted to rows [i_lo, i_hi) and columns [j_lo, j_hi), on the calling thread. */
+static void gemm_block(const vlm_gemm_args *g, const gemm_kernel *kr, int64_t i_lo, int64_t i_hi,
+                       int64_t j_lo, int64_t j_hi, float *scratch) {
+    const int mr = kr->mr, nr = kr->nr;
+    float *ap = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float *bp = ap + (size_t)GEMM_KC * GEMM_MC;
+    const bool simd_pack = kr->fn == ukr_avx512_14x32; /* packers laid out for 14 x 32 */
+    for (int64_t pc = 0; pc < g->k; pc += GEMM_KC) {
+        const int64_t kc = g->k - pc < GEMM_KC ? g->k - pc : GEMM_KC;
+        const bool acc = g->accumulate || pc > 0;
+        for (int64_t ic = i_lo; ic < i_hi; ic += GEMM_MC) {
+            const int64_t mc = i_hi - ic < GEMM_MC ? i_hi - ic : GEMM_MC;
+            if (!(simd_pack && pack_a_avx512(g->a, g->lda, ic, mc, pc, kc, ap)))
+                pack_a(g->a, g->lda, ic, mc, pc, kc, mr, ap);
+            for (int64_t jc = j_lo; jc < j_hi; jc += GEMM_NC) {
+                const int64_t nc = j_hi - jc < GEMM_NC ? j_hi - jc : GEMM_NC;
+                if (!(simd_pack && pack_b_avx512(g, jc, nc, pc, kc, bp)))
+                    pack_b(g, jc, nc, pc, kc, nr, bp);
+                for (int64_t ir = 0; ir < mc; ir += mr) {
+                    const int mv = (int)(mc - ir < mr ? mc - ir : mr);
+                    const float *as = ap + (ir / mr) * kc * mr;
+                    for (int64_t jr = 0; jr < nc; jr += nr) {
+                        const int nv = (int)(nc - jr < nr ? nc - jr : nr);
+                        kr->fn(kc, as, bp + (jr / nr) * kc * nr, g->c + (ic + ir) * g->ldc + jc + jr,
+                               g->ldc, mv, nv, acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void gemm_k0(const vlm_gemm_args *g, int64_t i_lo, int64_t i_hi) {
+    if (g->accumulate) return;
+    for (int64_t i = i_lo; i < i_hi; i++) memset(g->c + i * g->ldc, 0, (size_t)g->m * sizeof(float));
+}
+
+void vlm_gemm_serial(const vlm_gemm_args *g, vlm_cpu_path path, float *scratch) {
+    GEMM_ASSERT(path >= 0 && path < VLM_CPU_PATH_COUNT);
+    GEMM_ASSERT(g->n >= 0 && g->m >= 0 && g->k >= 0 && g->ldc >= g->m && g->lda >= g->k);
+    if (g->n == 0 || g->m == 0) return;
+    if (g->k == 0) return gemm_k0(g, 0, g->n);
+    float *own = NULL;
+    if (!scratch) {
+        own = malloc(vlm_gemm_scratch_bytes());
+        GEMM_ASSERT(own != NULL);
+        scratch = own;
+    }
+    gemm_block(g, &s_gemm_kernels[path], 0, g->n, 0, g->m, scratch);
+    free(own);
+}
+
+void vlm_gemm_parallel(const vlm_gemm_args *g, vlm_cpu_path path) {
+    GEMM_ASSERT(path >= 0 && path < VLM_CPU_PATH_COUNT);
+    GEMM_ASSERT(g->n >= 0 && g->m >= 0 && g->k >= 0 && g->ldc >= g->m && g->lda >= g->k);
+    if (g->n == 0 || g->m == 0) return;
+    const gemm_kernel *kr = &s_gemm_kernels[path];
+    const int64_t nstrips = (g->m + kr->nr - 1) / kr->nr, mstrips = (g->n + kr->mr - 1) / kr->mr;
+    int nt = omp_get_max_threads();
+    if (omp_in_parallel()) nt = 1;
+    /* Column slabs when every thread gets >= 2 B strips: A is then re-packed per thread (cheap),
+     * B (the weights) is read by one thread only. Else row slabs. */
+    const bool by_cols = nstrips >= 2 * nt || nstrips >= mstrips;
+    const int64_t units = by_cols ? nstrips : mstrips;
+    if (units < nt) nt = (int)(units > 0 ? units : 1);
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        const int64_t u0 = units * t / T, u1 = units * (t + 1) / T;
+        int64_t i_lo = 0, i_hi = g->n, j_lo = 0, j_hi = g->m;
+        if (by_cols) {
+            j_lo = u0 * kr->nr;
+            j_hi = u1 * kr->nr < g->m ? u1 * kr->nr : g->m;
+        } else {
+            i_lo = u0 * kr->mr;
+            i_hi = u1 * kr->mr < g->n ? u1 * kr->mr : g->n;
+        }
+        if (i_lo < i_hi && j_lo < j_hi) {
+            if (g->k == 0) {
+                if (!g->accumulate)
+                    for (int64_t i = i_lo; i < i_hi; i++)
+                        memset(g->c + i * g->ldc + j_lo, 0, (size_t)(j_hi - j_lo) * sizeof(float));
+            } else {
+                float *scratch = malloc(vlm_gemm_scratch_bytes());
+                GEMM_ASSERT(scratch != NULL);
+                gemm_block(g, kr, i_lo, i_hi, j_lo, j_hi, scratch);
+                free(scratch);
+            }
+        }
+    }
+}

@@ -52,6 +52,9 @@ CUDA_ARCH := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=s
 NVFLAGS   := -O2 -std=c++17 $(CUDA_ARCH) -I. -MMD -MP -Xcompiler -Wall,-Wextra,-fPIC
 CFLAGS    += -DVLM_HAVE_CUDA -I$(CUDA_HOME)/include
 LDLIBS    += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lnccl -lstdc++
+# engine.c refers to the backend's entry points only weakly, which never pulls an archive member in:
+# -u makes the linker take runtime/cuda/backend_cuda.cu.o from libvlmd.a
+LDLIBS    += -Wl,-u,vlm_backend_cuda_create
 CUDA_DESC := on ($(shell $(NVCC) --version | tail -n 2 | head -n 1); sm_80 sm_90)
 endif
 
@@ -61,6 +64,9 @@ LIB_OBJ  := $(patsubst %.c,$(BUILD)/%.o,$(LIB_SRC)) $(patsubst %.cu,$(BUILD)/%.c
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TEST_BIN := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCH_SRC:= $(wildcard bench/*.c)
+ifneq ($(CUDA),1)
+BENCH_SRC:= $(filter-out bench/gpu.c,$(BENCH_SRC)) # the GPU bench exists only in CUDA=1 builds
+endif
 BENCH_BIN:= $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all info test unit check bench clean

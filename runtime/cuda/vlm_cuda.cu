@@ -10,29 +10,17 @@
 #include "runtime/cuda/vlm_cuda.h"
 #undef _Noreturn
 
-// Writes "<file>:<line>: <stmt>: <cuda error>" into err; the statement text names what failed.
-static vlm_status cuda_fail(char *err, size_t errlen, const char *file, int line, const char *stmt,
-                            cudaError_t e) {
-    if (err && errlen) snprintf(err, errlen, "%s:%d: %s failed: %s (%s)", file, line, stmt,
-                                cudaGetErrorString(e), cudaGetErrorName(e));
-    return e == cudaErrorMemoryAllocation ? VLM_E_NOMEM : VLM_E_INTERNAL;
-}
+#include "runtime/cuda/cu_check.h"
 
-#define CU_CHECK(stmt)                                                                     \
-    do {                                                                                   \
-        cudaError_t e_ = (stmt);                                                           \
-        if (e_ != cudaSuccess) return cuda_fail(err, errlen, __FILE__, __LINE__, #stmt, e_); \
-    } while (0)
-
-// After a launch: catches bad configurations (cudaGetLastError) without forcing a sync.
-#define CU_LAUNCHED(name) CU_CHECK(cudaGetLastError())
+// The C kernel API returns a status, so a bad launch configuration is reported, not fatal.
+#define CU_LAUNCH_STATUS(name) CU_CHECK(cudaGetLastError())
 
 extern "C" vlm_status vlm_cuda_device_count(int *count, char *err, size_t errlen) {
     *count = 0;
     cudaError_t e = cudaGetDeviceCount(count);
     // No driver / no device is not an error for the caller: it means "no GPU here".
     if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver) { *count = 0; cudaGetLastError(); return VLM_OK; }
-    if (e != cudaSuccess) { *count = 0; return cuda_fail(err, errlen, __FILE__, __LINE__, "cudaGetDeviceCount(count)", e); }
+    if (e != cudaSuccess) { *count = 0; return cu_fail(err, errlen, VLM_E_INTERNAL, __FILE__, __LINE__, "cudaGetDeviceCount(count)", cudaGetErrorString(e), cudaGetErrorName(e)); }
     return VLM_OK;
 }
 
@@ -102,7 +90,7 @@ extern "C" vlm_status vlm_cuda_rmsnorm(float *y, const float *x, const uint16_t 
                                        float eps, char *err, size_t errlen) {
     if (rows <= 0 || n <= 0) return VLM_OK;
     k_rmsnorm<<<rows, 256>>>(y, x, w, n, eps);
-    CU_LAUNCHED(k_rmsnorm);
+    CU_LAUNCH_STATUS(k_rmsnorm);
     return VLM_OK;
 }
 
@@ -127,14 +115,14 @@ extern "C" vlm_status vlm_cuda_swiglu(float *out, const float *gate, const float
                                       size_t errlen) {
     if (n <= 0) return VLM_OK;
     k_swiglu<<<grid_for(n), 256>>>(out, gate, up, n);
-    CU_LAUNCHED(k_swiglu);
+    CU_LAUNCH_STATUS(k_swiglu);
     return VLM_OK;
 }
 
 extern "C" vlm_status vlm_cuda_add(float *x, const float *r, int64_t n, char *err, size_t errlen) {
     if (n <= 0) return VLM_OK;
     k_add<<<grid_for(n), 256>>>(x, r, n);
-    CU_LAUNCHED(k_add);
+    CU_LAUNCH_STATUS(k_add);
     return VLM_OK;
 }
 
@@ -168,7 +156,7 @@ extern "C" vlm_status vlm_cuda_argmax(int32_t *out, const float *logits, int row
                                       size_t errlen) {
     if (rows <= 0 || vocab <= 0) return VLM_OK;
     k_argmax<<<rows, 256>>>(out, logits, vocab);
-    CU_LAUNCHED(k_argmax);
+    CU_LAUNCH_STATUS(k_argmax);
     return VLM_OK;
 }
 
@@ -191,7 +179,7 @@ extern "C" vlm_status vlm_cuda_rope(float *x, int rows, int heads, int hd, const
                                     const float *inv_freq, int sec0, int sec1, char *err, size_t errlen) {
     if (rows <= 0 || heads <= 0 || hd < 2) return VLM_OK;
     k_rope<<<(unsigned)((int64_t)rows * heads), 64>>>(x, heads, hd, pos3, inv_freq, sec0, sec1);
-    CU_LAUNCHED(k_rope);
+    CU_LAUNCH_STATUS(k_rope);
     return VLM_OK;
 }
 
@@ -227,7 +215,7 @@ static __global__ void k_softmax(float *x, int n) {
 extern "C" vlm_status vlm_cuda_softmax(float *x, int rows, int n, char *err, size_t errlen) {
     if (rows <= 0 || n <= 0) return VLM_OK;
     k_softmax<<<rows, 256>>>(x, n);
-    CU_LAUNCHED(k_softmax);
+    CU_LAUNCH_STATUS(k_softmax);
     return VLM_OK;
 }
 
@@ -243,6 +231,6 @@ extern "C" vlm_status vlm_cuda_embed(float *out, const uint16_t *table, const in
                                      int vocab, char *err, size_t errlen) {
     if (n <= 0 || hidden <= 0) return VLM_OK;
     k_embed<<<n, 256>>>(out, table, ids, hidden, vocab);
-    CU_LAUNCHED(k_embed);
+    CU_LAUNCH_STATUS(k_embed);
     return VLM_OK;
 }

@@ -49,6 +49,17 @@ vlm_status vlm_cuda_embed(float *out, const uint16_t *table, const int32_t *ids,
 /* In-place numerically stable softmax over each row of x[rows, n]. */
 vlm_status vlm_cuda_softmax(float *x, int rows, int n, char *err, size_t errlen);
 
+/* Device facts for the GPU bench (runtime/cuda/backend_cuda.cu): peak memory bandwidth from the memory clock
+ * and bus width, and the dense bf16 tensor-core peak where the part is known (sm_80, sm_90; else 0). */
+typedef struct {
+    char name[256];
+    int cc_major, cc_minor, sm_count;
+    int64_t total_mem;
+    double peak_bw;          /* bytes/s */
+    double peak_bf16_flops;  /* FLOP/s, 0 when unknown */
+} vlm_cuda_info;
+vlm_status vlm_cuda_device_info(int device, vlm_cuda_info *info, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

@@ -51,6 +51,8 @@ static_assert(sizeof(ncclUniqueId) == VLM_CUDA_COMM_ID_BYTES, "NCCL unique id si
 #define ATT_KT 32         // keys per shared-memory tile (one per lane in the score pass)
 #define ATT_MAX_HD 256    // head_dim bound of the attention kernel (per-lane accumulators: 256 / 32)
 #define ATT_THREADS 128
+static_assert(ATT_KT == 32, "the score pass gives one key of a tile to each lane of a warp");
+static_assert(ATT_QT == 4 * (ATT_THREADS / 32), "each warp owns 4 query rows of a tile");
 
 // ---- per-rank state ----------------------------------------------------------------------------------
 // A pinned host buffer and its device twin for one kind of step metadata (see stage_put).
@@ -261,6 +263,7 @@ static __global__ void k_gemv(const float *x, int n, int64_t k, const void *W, i
 #pragma unroll
     for (int i = 0; i < GEMV_MAX_ROWS; i++) acc[i] = 0.0f;
     if (VEC) {
+#pragma unroll 4
         for (int64_t kk = (int64_t)lane * 8; kk < k; kk += 256) {
             float w[8];
             load8<DT>(wr + (size_t)kk * es, w);
@@ -765,6 +768,9 @@ static vlm_status create_body(vlm_backend *b, cuda_impl *p, const unsigned char 
     CU_CHECK(cudaStreamCreateWithFlags(&p->st, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&p->blas));
     CUBLAS_CHECK(cublasSetStream(p->blas, p->st));
+    // explicit: f32 GEMMs stay f32 (no TF32 tensor cores; NVIDIA_TF32_OVERRIDE=1 in the environment would
+    // still force TF32, which the f32 tolerances of tests/unit/test_cuda.c would catch)
+    CUBLAS_CHECK(cublasSetMathMode(p->blas, CUBLAS_DEFAULT_MATH));
     CU_CHECK(cudaEventCreateWithFlags(&p->ids.ev, cudaEventDisableTiming));
     CU_CHECK(cudaEventCreateWithFlags(&p->slots.ev, cudaEventDisableTiming));
     CU_CHECK(cudaEventCreateWithFlags(&p->attn.ev, cudaEventDisableTiming));

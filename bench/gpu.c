@@ -77,7 +77,7 @@ static double prefill_seconds(vlm_model *m, int tp, int gpu, int n, int reps) {
 /* n sequences of a 32-token prompt; after every one is prefilled (and one warm-up step), times `steps`
  * decode steps. Returns seconds per step; *tokens gets the tokens those steps produced. */
 static double decode_step_seconds(vlm_model *m, int tp, int gpu, int n, int steps, int *tokens) {
-    vlm_engine *e = make_engine(m, tp, gpu, n, 512 > n ? 512 : n);
+    vlm_engine *e = make_engine(m, tp, gpu, n, n * 33 > 512 ? n * 33 : 512); /* all prompts in one step */
     *tokens = 0;
     if (!e) return 0;
     int32_t p[32];

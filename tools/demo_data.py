@@ -83,6 +83,9 @@ def make_image(rng, n_shapes=None, force_shapes=None):
         else:
             d.polygon([(x + (s - 1) / 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)], fill=c)
         objs.append((shape, color))
+    # Geometry for training-only dense labels (tools/train_demo.py); not drawn from rng, so the
+    # sample streams are unchanged.
+    img.info["vlmd_objects"] = [(sh, co, x, y, s) for (sh, co), (x, y, s) in zip(objs, boxes)]
     return img, objs
 
 

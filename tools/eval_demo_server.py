@@ -41,12 +41,18 @@ def start_server(binary, extra_args=(), timeout=120):
     """Starts `vlmd serve` (no --model) from the repository root; returns (process, base url)."""
     port = free_port()
     cmd = [binary, "serve", "--host", "127.0.0.1", "--port", str(port)] + list(extra_args)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # The server writes one access-log line per request: send it to a file, not a pipe nobody drains
+    # (a full 64 KiB pipe blocks the server's logging thread after a few hundred requests).
+    import tempfile
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log
     url = "http://127.0.0.1:%d" % port
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace")
+            log.seek(0)
+            out = log.read().decode(errors="replace")
             raise RuntimeError("vlmd serve exited with %d:\n%s" % (proc.returncode, out[-4000:]))
         try:
             with urllib.request.urlopen(url + "/ready", timeout=2) as r:
@@ -98,6 +104,8 @@ def main():
     ap.add_argument("--url", help="use this running server instead of starting one")
     ap.add_argument("--bin", default=os.environ.get("VLMD_BIN", os.path.join(ROOT, "build/vlmd")))
     ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--model", help="checkpoint directory to serve and compare (default: the server's default, "
+                                    "configs/models/vlmd-demo)")
     ap.add_argument("--compare-transformers", action="store_true",
                     help="also answer every question with transformers (train_demo.py's path) and count "
                          "disagreements with the server")
@@ -105,11 +113,11 @@ def main():
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(args.bin)
+        proc, url = start_server(args.bin, ["--model", args.model] if args.model else [])
     ref = None
     if args.compare_transformers:
         import train_demo
-        ref = train_demo.Reference(os.path.join(ROOT, "configs/models/vlmd-demo"))
+        ref = train_demo.Reference(args.model or os.path.join(ROOT, "configs/models/vlmd-demo"))
     try:
         model = model_id(url)
         ok_all = True

@@ -63,12 +63,23 @@ def test_default_model_is_demo(server):
     assert any("vlmd-demo" in i for i in ids), ids
 
 
-# The committed demo checkpoint is under-trained (transformers: shape 32.7%, color 63.7%, count
-# 64.3%; docs/demo-model.md), so exact answers are expected to fail until it is retrained (issue 4).
-# Not strict: once retrained, these pass and the marker must be removed.
-@pytest.mark.xfail(reason="demo checkpoint under-trained; retrain per docs/demo-model.md (issue 4)",
-                   strict=False)
-@pytest.mark.parametrize("name,question,answer,text_first", _cases())
+# Colour questions about pictures with several shapes need the model to bind a colour to the named
+# shape; the committed checkpoint gets 94.0% of them right through the server (docs/demo-model.md), below
+# issue 4's 97%, and 3 of the sample-image ones wrong. Those cases are expected failures (not strict, so
+# a better checkpoint turns them into passes); every other case must pass.
+def _params():
+    with open(os.path.join(DATA, "answers.json")) as f:
+        n_shapes = {m["file"]: len(m["shapes"]) for m in json.load(f)}
+    out = []
+    for c in _cases():
+        binding = c[1].lower().startswith("what color") and n_shapes[c[0]] > 1
+        marks = [pytest.mark.xfail(reason="colour binding below 97% (issue 4, docs/demo-model.md)",
+                                   strict=False)] if binding else []
+        out.append(pytest.param(*c, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("name,question,answer,text_first", _params())
 def test_answers(server, name, question, answer, text_first):
     url, model = server
     part = {"type": "image_url", "image_url": {"url": _data_url(name)}}

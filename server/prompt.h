@@ -15,7 +15,8 @@
 typedef struct {
     vlm_model *model;
     vlm_tok *tok;
-    vlm_vit *vit;            /* NULL for text-only models */
+    vlm_vit *vit;            /* Qwen2-VL vision transformer; NULL for other families / text-only */
+    vlm_internvit *ivit;     /* NVLM-D InternViT + mlp1 (cfg->arch == VLM_ARCH_NVLM_D); NULL otherwise */
     const vlm_model_config *cfg;
     char name[256];          /* model id reported by /v1/models (directory basename by default) */
     vlm_template_kind template_kind;
@@ -44,7 +45,8 @@ void vlmd_prompt_limits_default(vlmd_prompt_limits *l);
 typedef struct {
     int32_t *ids;             /* prompt token ids, image pads expanded */
     int64_t n_ids;
-    char *text;               /* rendered prompt (before pad expansion) */
+    char *text;               /* rendered prompt (before pad expansion; NVLM-D: before the tile-tag
+                               * substitution, with one "<image>" per image) */
     vlm_pixels *pixels;       /* n_images preprocessed images, in prompt order */
     float **embeds;           /* n_images, filled by vlmd_prompt_encode_images */
     vlm_image_embeds *images; /* n_images, filled by vlmd_prompt_encode_images */

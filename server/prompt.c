@@ -74,6 +74,11 @@ fail:
     return st;
 }
 
+vlm_status vlmd_bundle_vision_tp(vlmd_bundle *b, int tp, char *err, size_t errlen) {
+    if (!b->ivit || tp <= 1) return VLM_OK;
+    return vlm_internvit_set_tp(b->ivit, tp, err, errlen);
+}
+
 void vlmd_bundle_free(vlmd_bundle *b) {
     if (!b) return;
     vlm_vit_free(b->vit);

@@ -24,6 +24,9 @@ typedef struct {
 
 vlm_status vlmd_bundle_load(const char *dir, int threads, vlmd_bundle **out, char *err, size_t errlen);
 void vlmd_bundle_free(vlmd_bundle *b);
+/* Splits the NVLM-D vision encoder over tp CPU rank threads, as --tp splits the decoder (no-op for other
+ * families and tp <= 1). On the CUDA backend the vision encoder still runs on these CPU ranks. */
+vlm_status vlmd_bundle_vision_tp(vlmd_bundle *b, int tp, char *err, size_t errlen);
 
 /* Fetches a remote (http/https) image URL into a malloc'd buffer; provided by the server when
  * --allow-remote-media is on. Returns VLM_OK or an error with a message. */

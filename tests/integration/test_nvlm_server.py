@@ -84,9 +84,10 @@ def test_stream_matches_reference(nvlm_client, nvlm_tok):
     assert usage.prompt_tokens == case["n_prompt"] and usage.completion_tokens == STEPS
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_generate_cli_exact_ids(tmp_path, name):
-    """`vlmd generate --json` reports the ids themselves: prompt and continuation equal the reference."""
+@pytest.mark.parametrize("name,tp", [(n, 1) for n in sorted(CASES)] + [("two_images", 2)])
+def test_generate_cli_exact_ids(tmp_path, name, tp):
+    """`vlmd generate --json` reports the ids themselves: prompt and continuation equal the reference. With --tp 2
+    the InternViT heads/MLP/mlp1 and the decoder are split over 2 CPU ranks; the ids must still be equal."""
     case = CASES[name]
     msgs = json.loads(json.dumps(case["messages"]))
     for m in msgs:
@@ -97,7 +98,7 @@ def test_generate_cli_exact_ids(tmp_path, name):
     f = tmp_path / "messages.json"
     f.write_text(json.dumps(msgs))
     out = subprocess.run([BIN, "generate", "--model", str(MODELS / NVLM), "--messages", str(f), "--max-tokens",
-                          str(STEPS), "--greedy", "--ignore-eos", "--json", "--threads", "2"],
+                          str(STEPS), "--greedy", "--ignore-eos", "--json", "--threads", "2", "--tp", str(tp)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     j = json.loads(out.stdout)

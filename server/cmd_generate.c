@@ -183,7 +183,9 @@ int vlmd_cmd_generate(int argc, char **argv) {
         return 1;
     }
     vlm_status st = vlmd_bundle_load(model_dir, threads, &b, err, sizeof err);
+    if (st == VLM_OK) st = vlmd_bundle_vision_tp(b, tp, err, sizeof err);
     if (st != VLM_OK) {
+        vlmd_bundle_free(b);
         fprintf(stderr, "vlmd generate: %s\n", err);
         return 1;
     }

@@ -94,8 +94,10 @@ int vlmd_cmd_serve(int argc, char **argv) {
         return 1;
     }
     st = vlmd_bundle_load(cfg.model, cfg.threads, &b, err, sizeof err);
+    if (st == VLM_OK) st = vlmd_bundle_vision_tp(b, cfg.tp, err, sizeof err);
     if (st != VLM_OK) {
         fprintf(stderr, "level=error event=load model=\"%s\" msg=\"%s\"\n", cfg.model, err);
+        vlmd_bundle_free(b);
         vlmd_http_stop(h);
         vlmd_metrics_free(m);
         return 1;

@@ -20,6 +20,13 @@
  * cells), like the low-detail budget other servers use; "high"/"auto" use the model/server cap. */
 #define DETAIL_LOW_MAX_PIXELS (256 * 28 * 28)
 #define MAX_LOCAL_FILE_BYTES ((size_t)256 << 20)
+/* NVLM-D: the IMG_CONTEXT token string of modeling_nvlm_d.py chat(), and the per-image placeholder a
+ * message's text carries before the tile-tag substitution (chat() and vLLM's NVLM-D processor both use
+ * "<image>"). "detail": "low" caps an NVLM-D image at one tile (256 tokens, the same budget as Qwen2-VL's
+ * low detail). */
+#define NVLM_IMG_CONTEXT "<|vision_pad|>"
+#define NVLM_IMAGE_PLACEHOLDER "<image>"
+#define NVLM_DETAIL_LOW_TILES 1
 
 /* ---- bundle -------------------------------------------------------------------------------- */
 
@@ -38,7 +45,19 @@ vlm_status vlmd_bundle_load(const char *dir, int threads, vlmd_bundle **out, cha
         st = vlm_errf(err, errlen, VLM_E_FORMAT, "tokenizer in %s: %s", dir, terr);
         goto fail;
     }
-    if (b->cfg->has_vision) {
+    if (b->cfg->has_vision && b->cfg->arch == VLM_ARCH_NVLM_D) {
+        /* The image rows replace the ids the tokenizer gives "<|vision_pad|>"; the engine scatters them at
+         * cfg->image_token_id, so the two must agree. */
+        int32_t ctx = vlm_tok_token_id(b->tok, NVLM_IMG_CONTEXT);
+        if (ctx != b->cfg->image_token_id) {
+            st = vlm_errf(err, errlen, VLM_E_FORMAT,
+                          "%s: the tokenizer maps %s to %d but the model's image token id is %d", dir,
+                          NVLM_IMG_CONTEXT, ctx, b->cfg->image_token_id);
+            goto fail;
+        }
+        st = vlm_internvit_load(b->model, &b->ivit, err, errlen);
+        if (st != VLM_OK) goto fail;
+    } else if (b->cfg->has_vision) {
         st = vlm_vit_load(b->model, &b->vit, err, errlen);
         if (st != VLM_OK) goto fail;
     }
@@ -55,9 +74,15 @@ fail:
     return st;
 }
 
+vlm_status vlmd_bundle_vision_tp(vlmd_bundle *b, int tp, char *err, size_t errlen) {
+    if (!b->ivit || tp <= 1) return VLM_OK;
+    return vlm_internvit_set_tp(b->ivit, tp, err, errlen);
+}
+
 void vlmd_bundle_free(vlmd_bundle *b) {
     if (!b) return;
     vlm_vit_free(b->vit);
+    vlm_internvit_free(b->ivit);
     vlm_tok_free(b->tok);
     vlm_model_free(b->model);
     free(b);
@@ -247,7 +272,7 @@ static vlm_status add_image(const vlmd_bundle *b, const cJSON *part, const vlmd_
         set_param(param, paramlen, "%s.image_url.url", where);
         return vlm_errf(err, errlen, VLM_E_INVALID, "'image_url.url' must be a non-empty string");
     }
-    if (!b->vit) {
+    if (!b->vit && !b->ivit) {
         set_param(param, paramlen, "%s", where);
         return vlm_errf(err, errlen, VLM_E_INVALID, "model '%s' does not accept images", b->name);
     }
@@ -278,6 +303,7 @@ static vlm_status add_image(const vlmd_bundle *b, const cJSON *part, const vlmd_
         if (!strcmp(detail->valuestring, "low") && (!maxp || maxp > DETAIL_LOW_MAX_PIXELS))
             maxp = DETAIL_LOW_MAX_PIXELS;
     }
+    bool low_detail = detail && cJSON_IsString(detail) && !strcmp(detail->valuestring, "low");
     int64_t cap = lim->max_image_tokens > 0 ? lim->max_image_tokens * 28 * 28 : 0;
     int64_t model_max = b->cfg->max_pixels;
     if (!maxp) maxp = model_max;
@@ -302,9 +328,22 @@ static vlm_status add_image(const vlmd_bundle *b, const cJSON *part, const vlmd_
         set_param(param, paramlen, "%s.image_url.url", where);
         return st;
     }
-    vlm_pp_opts po = {.min_pixels = minp, .max_pixels = maxp};
     vlm_pixels px = {0};
-    st = vlm_qwen_preprocess(b->cfg, &img, &po, &px, err, errlen);
+    if (b->ivit) {
+        /* NVLM-D: dynamic tiling decides the size; min/max_pixels have no meaning there (validated above,
+         * then ignored); detail "low" keeps one tile. */
+        vlm_model_config c = *b->cfg;
+        if (low_detail) c.nvlm.max_tiles = NVLM_DETAIL_LOW_TILES;
+        st = vlm_nvlm_preprocess(&c, &img, &px, err, errlen);
+        if (st == VLM_OK && lim->max_image_tokens > 0 && px.n_tokens > lim->max_image_tokens) {
+            st = vlm_errf(err, errlen, VLM_E_LIMIT, "the image needs %lld tokens, over the per-image limit of %lld",
+                          (long long)px.n_tokens, (long long)lim->max_image_tokens);
+            vlm_pixels_free(&px);
+        }
+    } else {
+        vlm_pp_opts po = {.min_pixels = minp, .max_pixels = maxp};
+        st = vlm_qwen_preprocess(b->cfg, &img, &po, &px, err, errlen);
+    }
     vlm_img_free(&img);
     if (st != VLM_OK) {
         set_param(param, paramlen, "%s.image_url.url", where);
@@ -321,10 +360,76 @@ static vlm_status add_image(const vlmd_bundle *b, const cJSON *part, const vlmd_
     return VLM_OK;
 }
 
+static size_t count_sub(const char *s, size_t n, const char *pat) {
+    size_t k = 0, pl = strlen(pat);
+    for (const char *q = s; (q = memmem(q, n - (size_t)(q - s), pat, pl)) != NULL; q += pl) k++;
+    return k;
+}
+
+/* NVLM-D: replaces each "<image>" of the rendered prompt, in order, by its image's tile-tag text
+ * (vlm_nvlm_image_text: <Image><tile_1>CTX×256 ... <tile_global_thumbnail>CTX×256</Image>) and tokenizes the
+ * whole string, as modeling_nvlm_d.py chat() does — the tags are plain text and "<Image><tile" does not
+ * tokenize on the tag boundaries, so per-image ids cannot be spliced into a tokenized prompt. */
+static vlm_status nvlm_tokenize(const vlmd_bundle *b, const char *text, size_t len,
+                                const vlmd_prompt_limits *lim, vlmd_prompt *p, char *err, size_t errlen) {
+    const size_t phl = strlen(NVLM_IMAGE_PLACEHOLDER);
+    const int tpt = b->cfg->nvlm.tokens_per_tile;
+    size_t n_ph = count_sub(text, len, NVLM_IMAGE_PLACEHOLDER);
+    if (n_ph != (size_t)p->n_images)
+        return vlm_errf(err, errlen, VLM_E_INVALID,
+                        "the prompt holds %zu '" NVLM_IMAGE_PLACEHOLDER "' placeholders but %d images were given",
+                        n_ph, p->n_images);
+    size_t total = len - n_ph * phl;
+    for (int i = 0; i < p->n_images; i++)
+        total += vlm_nvlm_image_text((int)p->pixels[i].n_patches, tpt, NVLM_IMG_CONTEXT, NULL, 0);
+    char *buf = malloc(total + 1);
+    if (!buf) return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory");
+    size_t o = 0;
+    const char *q = text, *end = text + len;
+    for (int i = 0; i < p->n_images; i++) {
+        const char *hit = memmem(q, (size_t)(end - q), NVLM_IMAGE_PLACEHOLDER, phl);
+        VLM_ASSERT(hit != NULL);
+        memcpy(buf + o, q, (size_t)(hit - q));
+        o += (size_t)(hit - q);
+        o += vlm_nvlm_image_text((int)p->pixels[i].n_patches, tpt, NVLM_IMG_CONTEXT, buf + o, total + 1 - o);
+        q = hit + phl;
+    }
+    memcpy(buf + o, q, (size_t)(end - q));
+    o += (size_t)(end - q);
+    VLM_ASSERT(o == total);
+    buf[o] = 0;
+    vlm_ids ids = {0};
+    char terr[256];
+    int rc = vlm_tok_encode(b->tok, buf, total, false, &ids, terr, sizeof terr);
+    free(buf);
+    if (rc != 0) return vlm_errf(err, errlen, VLM_E_INVALID, "cannot tokenize the prompt: %s", terr);
+    int64_t n_ctx = 0;
+    for (size_t i = 0; i < ids.n; i++) n_ctx += ids.ids[i] == b->cfg->image_token_id;
+    vlm_status st = VLM_OK;
+    if (n_ctx != p->n_image_tokens)
+        st = vlm_errf(err, errlen, VLM_E_INVALID,
+                      "the prompt holds %lld image context tokens but its images need %lld "
+                      "(is '" NVLM_IMG_CONTEXT "' written in the text?)",
+                      (long long)n_ctx, (long long)p->n_image_tokens);
+    else if ((int64_t)ids.n > lim->max_prompt_tokens)
+        st = vlm_errf(err, errlen, VLM_E_LIMIT,
+                      "the prompt is %lld tokens (%lld of them image tokens), over the limit of %lld",
+                      (long long)ids.n, (long long)p->n_image_tokens, (long long)lim->max_prompt_tokens);
+    else if (!(p->ids = malloc(sizeof(int32_t) * (ids.n ? ids.n : 1))))
+        st = vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory");
+    if (st == VLM_OK) {
+        memcpy(p->ids, ids.ids, sizeof(int32_t) * ids.n);
+        p->n_ids = (int64_t)ids.n;
+    }
+    vlm_ids_free(&ids);
+    return st;
+}
+
 /* Tokenizes the rendered text and expands each image pad into its image's token count. */
 static vlm_status tokenize_and_expand(const vlmd_bundle *b, const char *text, size_t len,
                                       const vlmd_prompt_limits *lim, vlmd_prompt *p, char *err,
                                       size_t errlen) {
+    if (b->ivit && p->n_images > 0) return nvlm_tokenize(b, text, len, lim, p, err, errlen);
     vlm_ids ids = {0};
     char terr[256];
     if (vlm_tok_encode(b->tok, text, len, false, &ids, terr, sizeof terr) != 0)
@@ -368,6 +473,55 @@ static vlm_status tokenize_and_expand(const vlmd_bundle *b, const char *text, si
     return VLM_OK;
 }
 
+/* NVLM-D renders string content with the tokenizer's (text) chat template, so a message's parts become one
+ * string the way vLLM builds NVLM-D prompts: one "<image>" per image the text does not already place, each
+ * followed by "\n", in front of the text parts joined with "\n" — for one image and a question this is
+ * chat()'s "<image>\n" + question. flat[i] owns the string; msgs[i].content points at it. */
+static vlm_status nvlm_flatten(vlm_chat_msg *msgs, size_t n, char **flat, char *err, size_t errlen, char *param,
+                               size_t paramlen) {
+    for (size_t i = 0; i < n; i++) {
+        if (msgs[i].content) continue;
+        size_t need = 1, n_img = 0;
+        for (size_t k = 0; k < msgs[i].n_parts; k++) {
+            const vlm_chat_part *pt = &msgs[i].parts[k];
+            if (pt->kind == VLM_PART_IMAGE) n_img++;
+            else if (pt->kind == VLM_PART_TEXT) need += strlen(pt->text) + 1;
+        }
+        size_t placed = 0;
+        for (size_t k = 0; k < msgs[i].n_parts; k++)
+            if (msgs[i].parts[k].kind == VLM_PART_TEXT)
+                placed += count_sub(msgs[i].parts[k].text, strlen(msgs[i].parts[k].text), NVLM_IMAGE_PLACEHOLDER);
+        if (placed > n_img) {
+            set_param(param, paramlen, "messages[%zu].content", i);
+            return vlm_errf(err, errlen, VLM_E_INVALID,
+                            "the text places %zu '" NVLM_IMAGE_PLACEHOLDER "' placeholders but the message has %zu images",
+                            placed, n_img);
+        }
+        size_t missing = n_img - placed;
+        need += missing * (strlen(NVLM_IMAGE_PLACEHOLDER) + 1);
+        char *s = malloc(need);
+        if (!s) return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory");
+        size_t o = 0;
+        for (size_t k = 0; k < missing; k++) o += (size_t)sprintf(s + o, "%s\n", NVLM_IMAGE_PLACEHOLDER);
+        size_t t = 0;
+        for (size_t k = 0; k < msgs[i].n_parts; k++) {
+            const vlm_chat_part *pt = &msgs[i].parts[k];
+            if (pt->kind != VLM_PART_TEXT) continue;
+            if (t++) s[o++] = '\n';
+            size_t L = strlen(pt->text);
+            memcpy(s + o, pt->text, L);
+            o += L;
+        }
+        s[o] = 0;
+        VLM_ASSERT(o < need);
+        flat[i] = s;
+        msgs[i].content = s;
+        msgs[i].parts = NULL;
+        msgs[i].n_parts = 0;
+    }
+    return VLM_OK;
+}
+
 static bool valid_role(const char *r) {
     return !strcmp(r, "system") || !strcmp(r, "user") || !strcmp(r, "assistant") ||
            !strcmp(r, "developer");
@@ -385,8 +539,9 @@ vlm_status vlmd_prompt_from_messages(const vlmd_bundle *b, const cJSON *messages
 
     vlm_chat_msg *msgs = calloc((size_t)n, sizeof *msgs);
     vlm_chat_part **parts = calloc((size_t)n, sizeof *parts);
+    char **flat = calloc((size_t)n, sizeof *flat);
     vlm_status st = VLM_OK;
-    if (!msgs || !parts) {
+    if (!msgs || !parts || !flat) {
         st = vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory");
         goto done;
     }
@@ -470,6 +625,10 @@ vlm_status vlmd_prompt_from_messages(const vlmd_bundle *b, const cJSON *messages
         }
     }
 
+    if (b->ivit) {
+        st = nvlm_flatten(msgs, (size_t)n, flat, err, errlen, param, paramlen);
+        if (st != VLM_OK) goto done;
+    }
     char rerr[256];
     out->text = vlm_chat_render(b->tok, b->template_kind, msgs, (size_t)n, true, rerr, sizeof rerr);
     if (!out->text) {
@@ -483,6 +642,9 @@ vlm_status vlmd_prompt_from_messages(const vlmd_bundle *b, const cJSON *messages
 done:
     if (parts)
         for (int k = 0; k < n; k++) free(parts[k]);
+    if (flat)
+        for (int k = 0; k < n; k++) free(flat[k]);
+    free(flat);
     free(parts);
     free(msgs);
     if (st != VLM_OK) vlmd_prompt_free(out);
@@ -534,7 +696,7 @@ vlm_status vlmd_prompt_encode_images(const vlmd_bundle *b, vlmd_prompt *p, char 
         free(imgs);
         return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory");
     }
-    const int64_t hidden = b->cfg->vision.out_hidden;
+    const int64_t hidden = b->ivit ? b->cfg->hidden : b->cfg->vision.out_hidden;
     for (int i = 0; i < p->n_images; i++) {
         const vlm_pixels *px = &p->pixels[i];
         p->embeds[i] = malloc(sizeof(float) * (size_t)(px->n_tokens * hidden));
@@ -542,7 +704,8 @@ vlm_status vlmd_prompt_encode_images(const vlmd_bundle *b, vlmd_prompt *p, char 
             free(imgs);
             return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory for image %d embeddings", i);
         }
-        vlm_status st = vlm_vit_encode(b->vit, px, p->embeds[i], err, errlen);
+        vlm_status st = b->ivit ? vlm_internvit_encode(b->ivit, px, p->embeds[i], err, errlen)
+                                : vlm_vit_encode(b->vit, px, p->embeds[i], err, errlen);
         if (st != VLM_OK) {
             free(imgs);
             return st;

@@ -15,7 +15,8 @@
 typedef struct {
     vlm_model *model;
     vlm_tok *tok;
-    vlm_vit *vit;            /* NULL for text-only models */
+    vlm_vit *vit;            /* Qwen2-VL vision transformer; NULL for other families / text-only */
+    vlm_internvit *ivit;     /* NVLM-D InternViT + mlp1 (cfg->arch == VLM_ARCH_NVLM_D); NULL otherwise */
     const vlm_model_config *cfg;
     char name[256];          /* model id reported by /v1/models (directory basename by default) */
     vlm_template_kind template_kind;
@@ -23,6 +24,9 @@ typedef struct {
 
 vlm_status vlmd_bundle_load(const char *dir, int threads, vlmd_bundle **out, char *err, size_t errlen);
 void vlmd_bundle_free(vlmd_bundle *b);
+/* Splits the NVLM-D vision encoder over tp CPU rank threads, as --tp splits the decoder (no-op for other
+ * families and tp <= 1). On the CUDA backend the vision encoder still runs on these CPU ranks. */
+vlm_status vlmd_bundle_vision_tp(vlmd_bundle *b, int tp, char *err, size_t errlen);
 
 /* Fetches a remote (http/https) image URL into a malloc'd buffer; provided by the server when
  * --allow-remote-media is on. Returns VLM_OK or an error with a message. */
@@ -44,7 +48,8 @@ void vlmd_prompt_limits_default(vlmd_prompt_limits *l);
 typedef struct {
     int32_t *ids;             /* prompt token ids, image pads expanded */
     int64_t n_ids;
-    char *text;               /* rendered prompt (before pad expansion) */
+    char *text;               /* rendered prompt (before pad expansion; NVLM-D: before the tile-tag
+                               * substitution, with one "<image>" per image) */
     vlm_pixels *pixels;       /* n_images preprocessed images, in prompt order */
     float **embeds;           /* n_images, filled by vlmd_prompt_encode_images */
     vlm_image_embeds *images; /* n_images, filled by vlmd_prompt_encode_images */

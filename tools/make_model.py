@@ -6,8 +6,14 @@ processor files) without downloading gigabytes. This script builds them from a s
 using numpy only (CI runs it on a fresh machine that has nothing else), so the same command always
 writes the same bytes.
 
-  python3 tools/make_model.py --out DIR --test-set          # the three small test models, DIR/<name>/
+  python3 tools/make_model.py --out DIR --test-set          # the small test models, DIR/<name>/
   python3 tools/make_model.py --out DIR --name 2b-size --dtype bf16   # Qwen2-VL-2B dimensions (4.4 GB)
+
+tiny-nvlm (layout "nvlm") is an NVLM-D-72B-layout checkpoint at toy size for the NVLM-D server tests: the
+real config.json structure (llm_config + InternViT vision_config, from tests/fixtures/nvlm/nvlm-d-72b),
+`vision_model.*` / `mlp1.*` / `language_model.model.*` names, the attention padded with dummy heads whose
+q/k/v rows are zero (as NVLM stores 25 + 7 heads), the Qwen tokenizer with a Qwen2-Instruct ChatML template.
+tools/make_nvlm.py --served rebuilds it through nvlm_tensors() and runs transformers on the same weights.
 
 A model is regenerated only when one of its files is missing or its stamp (a hash of the model's
 specification and of this generator's version) differs. tools/make_fixtures.py imports this module to
@@ -105,7 +111,30 @@ MODELS = {
         "vision": _vision(32, 1280, 16, 4),
     },
 }
-TEST_SET = ["tiny-f32-tied", "tiny-bf16-untied", "small-f32-hd32"]
+# NVLM-D layout (docs/nvlm.md). The vision tower keeps the real tile geometry (448 px tiles, 14 px patches:
+# 1025 tokens per tile, 256 image tokens after the pixel shuffle) at toy width: 3 real heads of 16 padded
+# to 4 with one dummy head (as 25 -> 32 in NVLM), so a 2-rank split of the heads puts a dummy head on a rank.
+# The LLM intermediate size equals its hidden size because transformers' InternVL projector (the reference
+# in tools/make_nvlm.py) has hidden-size width in the middle where NVLM's mlp1 has intermediate-size width.
+# Untied, with unit-scale input embeddings: with ~1000 image rows in the context, the attention output is
+# nearly the same at every step, so the current token must carry weight in the residual stream or greedy
+# decoding repeats one token (small embeddings suit the tied Qwen2-VL test models, not this one).
+MODELS["tiny-nvlm"] = {
+    "seed": 1105, "dtype": "f32", "tied": False, "layout": "nvlm", "shards": 1, "embed_std": 1.0,
+    "text": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 64, "vocab": 151936},
+    "nvlm_vision": {"hidden": 48, "heads": 3, "padded_heads": 4, "layers": 2, "ffn": 96, "patch": 14,
+                    "image": 448},
+}
+TEST_SET = ["tiny-f32-tied", "tiny-bf16-untied", "small-f32-hd32", "tiny-nvlm"]
+
+# Qwen2-Instruct's chat template (the NVLM-D LLM's base; vLLM renders NVLM-D prompts with the model's
+# tokenizer template). The tiny NVLM model ships it in tokenizer_config.json.
+QWEN2_CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 DTYPES = {"f32": ("F32", 4, "float32"), "bf16": ("BF16", 2, "bfloat16")}
 
@@ -113,8 +142,84 @@ DTYPES = {"f32": ("F32", 4, "float32"), "bf16": ("BF16", 2, "bfloat16")}
 # ----------------------------------------------------------------------------------------------------
 # Tensor list
 
+def nvlm_tensor_specs(spec):
+    """NVLM-D layout: [(name, shape, std, mean)] sorted by name (dummy-head rows are zeroed by nvlm_fix)."""
+    t, v = spec["text"], spec["nvlm_vision"]
+    H, I, V = t["hidden"], t["ffn"], t["vocab"]
+    hd = H // t["heads"]
+    E, F, P, S = v["hidden"], v["ffn"], v["patch"], v["image"]
+    QD = v["padded_heads"] * (E // v["heads"])
+    N = 1 + (S // P) ** 2
+    out = []
+    lm = "language_model.model."
+    out.append((lm + "embed_tokens.weight", [V, H], spec.get("embed_std", EMBED_STD), 0.0))
+    for l in range(t["layers"]):
+        p = f"{lm}layers.{l}."
+        out.append((p + "input_layernorm.weight", [H], 0.1, 1.0))
+        for n, o, i, g in (("q_proj", t["heads"] * hd, H, 1.0), ("k_proj", t["kv_heads"] * hd, H, 1.0),
+                           ("v_proj", t["kv_heads"] * hd, H, 1.0)):
+            out.append((p + f"self_attn.{n}.weight", [o, i], g / math.sqrt(i), 0.0))
+            out.append((p + f"self_attn.{n}.bias", [o], 0.1, 0.0))
+        out.append((p + "self_attn.o_proj.weight", [H, t["heads"] * hd], 0.5 / math.sqrt(t["heads"] * hd), 0.0))
+        out.append((p + "post_attention_layernorm.weight", [H], 0.1, 1.0))
+        out.append((p + "mlp.gate_proj.weight", [I, H], 1 / math.sqrt(H), 0.0))
+        out.append((p + "mlp.up_proj.weight", [I, H], 1 / math.sqrt(H), 0.0))
+        out.append((p + "mlp.down_proj.weight", [H, I], 0.5 / math.sqrt(I), 0.0))
+    out.append((lm + "norm.weight", [H], 0.1 * FINAL_NORM_GAIN, FINAL_NORM_GAIN))
+    if not spec["tied"]:
+        out.append(("language_model.lm_head.weight", [V, H], EMBED_STD, 0.0))
+    vm = "vision_model."
+    out.append((vm + "embeddings.class_embedding", [1, 1, E], 0.5, 0.0))
+    out.append((vm + "embeddings.position_embedding", [1, N, E], 0.5, 0.0))
+    out.append((vm + "embeddings.patch_embedding.weight", [E, 3, P, P], 1 / math.sqrt(3 * P * P), 0.0))
+    out.append((vm + "embeddings.patch_embedding.bias", [E], 0.05, 0.0))
+    for l in range(v["layers"]):
+        p = f"{vm}encoder.layers.{l}."
+        out.append((p + "norm1.weight", [E], 0.1, 1.0))
+        out.append((p + "norm2.weight", [E], 0.1, 1.0))
+        out.append((p + "ls1", [E], 0.1, 0.5))
+        out.append((p + "ls2", [E], 0.1, 0.5))
+        out.append((p + "attn.qkv.weight", [3 * QD, E], 1 / math.sqrt(E), 0.0))
+        out.append((p + "attn.q_norm.weight", [QD], 0.1, 1.0))
+        out.append((p + "attn.k_norm.weight", [QD], 0.1, 1.0))
+        out.append((p + "attn.proj.weight", [E, QD], 0.5 / math.sqrt(E), 0.0))
+        out.append((p + "attn.proj.bias", [E], 0.05, 0.0))
+        out.append((p + "mlp.fc1.weight", [F, E], 1 / math.sqrt(E), 0.0))
+        out.append((p + "mlp.fc1.bias", [F], 0.05, 0.0))
+        out.append((p + "mlp.fc2.weight", [E, F], 0.5 / math.sqrt(F), 0.0))
+        out.append((p + "mlp.fc2.bias", [E], 0.05, 0.0))
+    out.append(("mlp1.0.weight", [4 * E], 0.1, 1.0))
+    out.append(("mlp1.0.bias", [4 * E], 0.05, 0.0))
+    out.append(("mlp1.1.weight", [I, 4 * E], 1 / math.sqrt(4 * E), 0.0))
+    # image rows at about the text embeddings' scale (EMBED_STD), as a trained projector delivers them:
+    # larger rows would dominate every attention and make the continuation one repeated token
+    out.append(("mlp1.3.weight", [H, I], 2 * EMBED_STD / math.sqrt(I), 0.0))
+    return sorted(out, key=lambda x: x[0])
+
+
+def nvlm_fix(spec, name, a):
+    """NVLM's dummy heads: their q/k/v rows are zero (q_norm/k_norm/proj dummy entries stay random: they
+    must not matter)."""
+    if name.endswith("attn.qkv.weight"):
+        v = spec["nvlm_vision"]
+        E = v["hidden"]
+        QD = v["padded_heads"] * (E // v["heads"])
+        a = a.copy()
+        for i in range(3):
+            a[i * QD + E:(i + 1) * QD] = 0
+    return a
+
+
+def nvlm_tensors(spec):
+    """{name: float32 array} of an NVLM-layout model, exactly as written (f32)."""
+    return {name: nvlm_fix(spec, name, tensor_f32(spec["seed"], name, shape, std, mean))
+            for name, shape, std, mean in nvlm_tensor_specs(spec)}
+
+
 def tensor_specs(spec):
     """Returns [(name, shape, std, mean)] sorted by name; values are mean + std·N(0,1)."""
+    if spec["layout"] == "nvlm":
+        return nvlm_tensor_specs(spec)
     t, v = spec["text"], spec["vision"]
     new = spec["layout"] == "new"
     lm = "model.language_model." if new else "model."
@@ -227,6 +332,25 @@ def bf16_bits_to_f32(b):
 # ----------------------------------------------------------------------------------------------------
 # Config files
 
+def nvlm_config_json(spec, repo_root):
+    """The released NVLM-D-72B config.json (tests/fixtures/nvlm/nvlm-d-72b) with toy sizes."""
+    with open(os.path.join(repo_root, "tests", "fixtures", "nvlm", "nvlm-d-72b", "config.json"),
+              encoding="utf-8") as f:
+        cfg = json.load(f)
+    t, v = spec["text"], spec["nvlm_vision"]
+    cfg["llm_config"].update(hidden_size=t["hidden"], intermediate_size=t["ffn"], num_attention_heads=t["heads"],
+                             num_key_value_heads=t["kv_heads"], num_hidden_layers=t["layers"],
+                             vocab_size=t["vocab"], tie_word_embeddings=spec["tied"],
+                             torch_dtype=DTYPES[spec["dtype"]][2])
+    cfg["vision_config"].update(hidden_size=v["hidden"], num_attention_heads=v["heads"],
+                                intermediate_size=v["ffn"], num_hidden_layers=v["layers"],
+                                patch_size=v["patch"], image_size=v["image"],
+                                torch_dtype=DTYPES[spec["dtype"]][2])
+    cfg["force_image_size"] = v["image"]
+    cfg["torch_dtype"] = DTYPES[spec["dtype"]][2]
+    return cfg
+
+
 def config_json(name, spec):
     t, v = spec["text"], spec["vision"]
     tdt = DTYPES[spec["dtype"]][2]
@@ -332,10 +456,15 @@ def tokenizer_source(repo_root):
                      "tokenizer_config.json in one of: " + ", ".join(cands))
 
 
-def write_tokenizer(src, out_dir):
+def write_tokenizer(src, out_dir, nvlm=False):
     shutil.copyfile(os.path.join(src, "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(src, "tokenizer_config.json"), encoding="utf-8") as f:
         tc = json.load(f)
+    if nvlm:
+        # NVLM-D ships its template in tokenizer_config.json only (no chat_template.json).
+        tc["chat_template"] = QWEN2_CHATML_TEMPLATE
+        _write_json(os.path.join(out_dir, "tokenizer_config.json"), tc)
+        return
     tc["chat_template"] = QWEN2VL_CHAT_TEMPLATE
     # Qwen2-VL has no vision/tool tokens beyond 151656 in its own tokenizer; the shared file's extras
     # are harmless (never produced by the template).
@@ -395,7 +524,11 @@ def write_safetensors(path, spec, items):
         f.write(len(hb).to_bytes(8, "little"))
         f.write(hb)
         for name, shape, std, mean in items:
-            for chunk in tensor_chunks(spec["seed"], name, shape, std, mean):
+            if spec["layout"] == "nvlm":
+                chunks = [nvlm_fix(spec, name, tensor_f32(spec["seed"], name, shape, std, mean)).reshape(-1)]
+            else:
+                chunks = tensor_chunks(spec["seed"], name, shape, std, mean)
+            for chunk in chunks:
                 if spec["dtype"] == "bf16":
                     f.write(f32_to_bf16_bits(chunk).astype("<u2").tobytes())
                 else:
@@ -426,8 +559,11 @@ def stamp_of(name, spec):
 
 def model_files(spec):
     names = shard_names(spec["shards"])
-    files = ["config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
-             "tokenizer_config.json", "chat_template.json"] + names
+    if spec["layout"] == "nvlm":
+        files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] + names
+    else:
+        files = ["config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.json"] + names
     if spec["shards"] > 1:
         files.append("model.safetensors.index.json")
     return files
@@ -456,10 +592,17 @@ def write_model(name, out_dir, dtype=None, repo_root=None, force=False, log=None
         os.remove(os.path.join(out_dir, STAMP_FILE))
     except FileNotFoundError:
         pass
-    write_tokenizer(tokenizer_source(repo_root), out_dir)
-    _write_json(os.path.join(out_dir, "config.json"), config_json(name, spec))
-    _write_json(os.path.join(out_dir, "generation_config.json"), generation_config_json())
-    _write_json(os.path.join(out_dir, "preprocessor_config.json"), preprocessor_config_json(spec))
+    if spec["layout"] == "nvlm":
+        write_tokenizer(tokenizer_source(repo_root), out_dir, nvlm=True)
+        _write_json(os.path.join(out_dir, "config.json"), nvlm_config_json(spec, repo_root))
+        # the model card generates greedily; ids of the Qwen2 vocabulary
+        _write_json(os.path.join(out_dir, "generation_config.json"),
+                    {"bos_token_id": 151643, "eos_token_id": 151645, "do_sample": False})
+    else:
+        write_tokenizer(tokenizer_source(repo_root), out_dir)
+        _write_json(os.path.join(out_dir, "config.json"), config_json(name, spec))
+        _write_json(os.path.join(out_dir, "generation_config.json"), generation_config_json())
+        _write_json(os.path.join(out_dir, "preprocessor_config.json"), preprocessor_config_json(spec))
     specs = tensor_specs(spec)
     plan = shard_plan(spec, specs)
     files = shard_names(len(plan))

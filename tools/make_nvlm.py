@@ -34,11 +34,19 @@ Writes:
                 transformers (its pixel_shuffle is v2) -> tested against a hand-worked permutation in
                 tests/unit/test_nvlm.c. transformers' vision tower ends in a LayerNorm unless
                 use_mean_pooling is set: set, so it is the identity as in NVLM.
+  served.json   (--served) the NVLM-D server tests' reference: tools/make_model.py's tiny-nvlm test model
+                (NVLM-D layout, Qwen tokenizer, ChatML template) rebuilt through make_model.nvlm_tensors,
+                loaded into transformers InternVLForConditionalGeneration (dummy heads dropped, mlp1 ->
+                projector with zero biases), and per chat case (text, one 4-tile image, two images): the
+                prompt as vLLM builds NVLM-D prompts (one "<image>\n" per image before the text, the tokenizer's
+                chat template, then chat()'s tile-tag substitution), its token ids, and 16 greedy tokens
+                (full recompute each step, f32, eager) with the smallest top-1/top-2 logit gap seen.
   kOrder        (printed with --print-order) the candidate order table in vision/nvlm_preprocess.c.
 
 The synthetic image is a formula both this script and tests/unit/test_nvlm.c compute:
   rgb[y][x][c] = (7x + 13y + 50c + 3((x*y) mod 31)) mod 256
 Usage: nice -n 15 python3 tools/make_nvlm.py --out tests/fixtures/nvlm
+       nice -n 15 python3 tools/make_nvlm.py --served [--models-dir build/models]   (served.json only)
        nice -n 15 python3 tools/make_nvlm.py --bench-model build/models/nvlm-bench   (numpy only: a
        scaled-down InternViT — hidden 640, 5 heads + 7 dummy, 4 layers, MLP 2560, 448 tiles — with a
        2-layer hidden-512 Qwen2 decoder, bf16, random weights, for bench/nvlm.c)
@@ -409,12 +417,158 @@ def make_bench_model(d):
         json.dump(c, f, indent=1)
 
 
+SERVED_CASES = {
+    "text": [{"role": "user", "content": "Hello, who are you?"}],
+    "image": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "tests/data/images/wide_200x60.png"}},
+        {"type": "text", "text": "Describe this image."}]}],
+    "two_images": [
+        {"role": "system", "content": "You are a careful observer."},
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "tests/data/images/grad_224.png"}},
+            {"type": "image_url", "image_url": {"url": "tests/data/images/wide_200x60.png"}},
+            {"type": "text", "text": "What differs between these images?"}]}],
+}
+SERVED_GREEDY = 16
+
+
+def nvlm_flat_messages(messages):
+    """String-content messages as vLLM builds them for NVLM-D: '<image>\n' per image, then the text parts
+    joined with '\n'. Returns (messages, image paths in order)."""
+    out, paths = [], []
+    for m in messages:
+        if isinstance(m["content"], str):
+            out.append({"role": m["role"], "content": m["content"]})
+            continue
+        imgs = [p["image_url"]["url"] for p in m["content"] if p["type"] == "image_url"]
+        texts = [p["text"] for p in m["content"] if p["type"] == "text"]
+        paths += imgs
+        out.append({"role": m["role"], "content": "".join("<image>\n" for _ in imgs) + "\n".join(texts)})
+    return out, paths
+
+
+def make_served(models_dir, out):
+    import torch
+    from PIL import Image
+    from transformers import (InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
+                              PreTrainedTokenizerFast, Qwen2Config)
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    sys.path.insert(0, here)
+    import make_model
+    name = "tiny-nvlm"
+    spec = make_model.resolve_spec(name)
+    mdir = os.path.join(models_dir, name)
+    make_model.write_model(name, mdir)
+    W = make_model.nvlm_tensors(spec)
+    t, v = spec["text"], spec["nvlm_vision"]
+    E, HEADS, D = v["hidden"], v["heads"], v["hidden"] // v["heads"]
+    QD = v["padded_heads"] * D
+    H = t["hidden"]
+    vc = InternVLVisionConfig(hidden_size=E, num_attention_heads=HEADS, intermediate_size=v["ffn"],
+                              num_hidden_layers=v["layers"], norm_type="rms_norm", use_qk_norm=True,
+                              image_size=[v["image"]] * 2, patch_size=[v["patch"]] * 2, attention_bias=False,
+                              use_mean_pooling=True, use_absolute_position_embeddings=True,
+                              layer_norm_eps=1e-6, hidden_act="gelu")
+    tc = Qwen2Config(hidden_size=H, intermediate_size=t["ffn"], num_attention_heads=t["heads"],
+                     num_key_value_heads=t["kv_heads"], num_hidden_layers=t["layers"], vocab_size=t["vocab"],
+                     rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
+                     tie_word_embeddings=spec["tied"])
+    ctx_id = 151654  # <|vision_pad|> in the Qwen2 vocabulary
+    cfg = InternVLConfig(vision_config=vc, text_config=tc, image_token_id=ctx_id, downsample_ratio=0.5,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu", tie_word_embeddings=spec["tied"])  # default: tied
+    for c in (cfg, cfg.vision_config, cfg.text_config):
+        c._attn_implementation = "eager"
+    model = InternVLForConditionalGeneration(cfg).eval()
+    vt = "model.vision_tower."
+    sd = {vt + "embeddings.cls_token": W["vision_model.embeddings.class_embedding"],
+          vt + "embeddings.position_embeddings": W["vision_model.embeddings.position_embedding"],
+          vt + "embeddings.patch_embeddings.projection.weight": W["vision_model.embeddings.patch_embedding.weight"],
+          vt + "embeddings.patch_embeddings.projection.bias": W["vision_model.embeddings.patch_embedding.bias"]}
+    for l in range(v["layers"]):
+        s_, d_ = f"vision_model.encoder.layers.{l}.", f"{vt}encoder.layer.{l}."
+        sd[d_ + "layernorm_before.weight"] = W[s_ + "norm1.weight"]
+        sd[d_ + "layernorm_after.weight"] = W[s_ + "norm2.weight"]
+        sd[d_ + "lambda_1"] = W[s_ + "ls1"]
+        sd[d_ + "lambda_2"] = W[s_ + "ls2"]
+        qkv = W[s_ + "attn.qkv.weight"]
+        assert not qkv[QD * 0 + E:QD].any() and not qkv[2 * QD + E:].any()  # dummy heads are zero
+        for i, n in enumerate(("q_proj", "k_proj", "v_proj")):
+            sd[d_ + f"attention.{n}.weight"] = qkv[i * QD:i * QD + E]
+        sd[d_ + "attention.q_norm.weight"] = W[s_ + "attn.q_norm.weight"][:E]
+        sd[d_ + "attention.k_norm.weight"] = W[s_ + "attn.k_norm.weight"][:E]
+        sd[d_ + "attention.projection_layer.weight"] = W[s_ + "attn.proj.weight"][:, :E]
+        sd[d_ + "attention.projection_layer.bias"] = W[s_ + "attn.proj.bias"]
+        for n in ("fc1", "fc2"):
+            sd[d_ + f"mlp.{n}.weight"] = W[s_ + f"mlp.{n}.weight"]
+            sd[d_ + f"mlp.{n}.bias"] = W[s_ + f"mlp.{n}.bias"]
+    pj = "model.multi_modal_projector."
+    sd[pj + "layer_norm.weight"], sd[pj + "layer_norm.bias"] = W["mlp1.0.weight"], W["mlp1.0.bias"]
+    sd[pj + "linear_1.weight"], sd[pj + "linear_2.weight"] = W["mlp1.1.weight"], W["mlp1.3.weight"]
+    sd[pj + "linear_1.bias"] = np.zeros(W["mlp1.1.weight"].shape[0], np.float32)  # NVLM's mlp1: no biases
+    sd[pj + "linear_2.bias"] = np.zeros(W["mlp1.3.weight"].shape[0], np.float32)
+    for k, a in W.items():
+        if k.startswith("language_model.model."):
+            sd["model.language_model." + k[len("language_model.model."):]] = a
+    sd["lm_head.weight"] = W["language_model.lm_head.weight"] if not spec["tied"] else \
+        W["language_model.model.embed_tokens.weight"]
+    state = {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in sd.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m or "inv_freq" in m for m in missing), (missing, unexpected)
+    tok = PreTrainedTokenizerFast.from_pretrained(mdir)
+    assert tok.convert_tokens_to_ids("<|vision_pad|>") == ctx_id
+    res = {"made_by": "tools/make_nvlm.py --served", "model": name, "greedy_steps": SERVED_GREEDY, "cases": {}}
+    emb = model.get_input_embeddings()
+    for cname, messages in SERVED_CASES.items():
+        flat, paths = nvlm_flat_messages(messages)
+        query = tok.apply_chat_template(flat, tokenize=False, add_generation_prompt=True)
+        feats, n_tiles = [], []
+        for pth in paths:
+            img = Image.open(os.path.join(root, pth)).convert("RGB")  # load_image of the model card
+            _, tiles = tiles_of(img, 6)
+            n_tiles.append(len(tiles))
+            pv = torch.from_numpy(np.stack([to_pixel_values(x) for x in tiles]))
+            with torch.no_grad():
+                f = model.model.get_image_features(pixel_values=pv, vision_feature_layer=-1,
+                                                   vision_feature_select_strategy="default")
+            feats.append(getattr(f, "pooler_output", f).reshape(-1, H))
+            tags = [f"<tile_{i}>" for i in range(1, len(tiles))] + ["<tile_global_thumbnail>"]
+            query = query.replace("<image>", "<Image>" + "".join(tg + "<|vision_pad|>" * 256 for tg in tags) +
+                                  "</Image>", 1)
+        ids = tok(query)["input_ids"]
+        with torch.no_grad():
+            x = emb(torch.tensor([ids]))
+            if feats:
+                x[0, torch.tensor(ids) == ctx_id] = torch.cat(feats)
+            gen, gaps, e = [], [], x
+            for _ in range(SERVED_GREEDY):
+                hs = model.model.language_model(inputs_embeds=e,
+                                                position_ids=torch.arange(e.shape[1])[None]).last_hidden_state
+                lg = model.lm_head(hs)[0, -1]
+                top = torch.topk(lg, 2).values
+                gaps.append(float(top[0] - top[1]))
+                tkn = int(lg.argmax())
+                gen.append(tkn)
+                e = torch.cat([e, emb(torch.tensor([[tkn]]))], dim=1)
+        res["cases"][cname] = {"messages": messages, "n_tiles": n_tiles, "prompt_ids": ids,
+                               "n_prompt": len(ids), "greedy_ids": gen, "min_top2_gap": min(gaps)}
+        print(f"{cname}: {len(ids)} prompt tokens, tiles {n_tiles}, min top-2 gap {min(gaps):.4f}", file=sys.stderr)
+    with open(os.path.join(out, "served.json"), "w") as f:
+        json.dump(res, f, separators=(",", ":"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="tests/fixtures/nvlm")
     ap.add_argument("--print-order", action="store_true")
     ap.add_argument("--bench-model", metavar="DIR", help="write only the scaled-down bench model to DIR")
+    ap.add_argument("--served", action="store_true", help="write only served.json (server tests' reference)")
+    ap.add_argument("--models-dir", default="build/models", help="where make_model.py's tiny-nvlm goes")
     args = ap.parse_args()
+    if args.served:
+        make_served(args.models_dir, args.out)
+        return
     if args.bench_model:
         make_bench_model(args.bench_model)
         return

@@ -10,8 +10,11 @@
  * 25 + 7 heads; the padded head count is read from the qkv weight's rows), QK-norm = RMSNorm whose variance
  * is taken over the first E channels only (the real heads) and whose weight covers all padded channels,
  * scale head_dim^-0.5 applied to q, softmax over all N = 1 + (S/P)^2 tokens of a tile, proj with bias.
- * Tensor-parallel sharding of the heads is not done here (docs/nvlm.md). */
+ * Tensor parallel (vlm_internvit_set_tp): the padded heads, the MLP and mlp1 are split over N CPU rank
+ * threads (see "tensor-parallel shards" below); one rank (the default) is the same code with one shard. */
 #include <math.h>
+#include <omp.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,7 +37,11 @@ struct vlm_internvit {
     ivit_layer *layers;
     float *ln_w, *ln_b; /* mlp1.0 */
     vlm_tensor m1_w, m3_w;
+    int tp;             /* ranks of the head/MLP split (1: one shard holding everything) */
+    struct ivit_shard *shards;
 };
+typedef struct ivit_shard ivit_shard;
+static void shards_free(vlm_internvit *v);
 
 static float t_at(const vlm_tensor *t, int64_t i) {
     switch (t->dtype) {
@@ -78,6 +85,7 @@ static vlm_status get_vec(const vlm_ckpt *c, const char *name, int64_t n, float 
 
 void vlm_internvit_free(vlm_internvit *v) {
     if (!v) return;
+    shards_free(v);
     if (v->layers)
         for (int l = 0; l < v->n_run; l++) {
             ivit_layer *y = &v->layers[l];
@@ -163,6 +171,7 @@ vlm_status vlm_internvit_load(const vlm_model *m, vlm_internvit **out, char *err
     if (!st) st = get_vec(c, "mlp1.0.bias", 4ll * E, &v->ln_b, err, errlen);
     if (!st) st = get_t(c, "mlp1.1.weight", v->mlp_mid, 4ll * E, &v->m1_w, err, errlen);
     if (!st) st = get_t(c, "mlp1.3.weight", v->out_dim, v->mlp_mid, &v->m3_w, err, errlen);
+    if (!st) st = vlm_internvit_set_tp(v, 1, err, errlen);
     if (st) {
         vlm_internvit_free(v);
         return st;
@@ -185,22 +194,187 @@ static void rms_norm(const float *x, int64_t n, int E, const float *w, float eps
     }
 }
 
-/* Encodes one tile; writes the (S/P/2)^2 projected tokens to out. */
-static vlm_status encode_tile(const vlm_internvit *v, const float *tile, float *out, char *err, size_t errlen) {
-    const int E = v->E, G = v->S / v->P, N = 1 + G * G, P = v->P, S = v->S, HP = v->HP, D = v->D;
-    const int64_t QD = (int64_t)HP * D, pd = 3ll * P * P;
-    float *x = malloc(sizeof(float) * (size_t)N * E);
-    float *h = malloc(sizeof(float) * (size_t)N * (size_t)(v->F > 3 * QD ? v->F : 3 * QD));
-    int64_t aw = E;
-    if (pd > aw) aw = pd;
-    if (QD > aw) aw = QD;
-    float *a = malloc(sizeof(float) * (size_t)N * (size_t)aw);
-    float *sc = malloc(sizeof(float) * (size_t)N * N);
-    float *o = malloc(sizeof(float) * (size_t)N * E);
-    if (!x || !h || !a || !sc || !o) {
-        free(x); free(h); free(a); free(sc); free(o);
-        return vis_err(err, errlen, VLM_E_NOMEM, "out of memory for an InternViT tile");
+/* ---- tensor-parallel shards ------------------------------------------------------------------
+ * Rank r of N holds padded heads [h0, h0+hn) (hn = HP/N: the q, k and v row blocks of qkv, the same
+ * channels of q_norm/k_norm, and the column block of proj), fc1 rows [f0, f0+fn) with their biases and the
+ * fc2 column block, and mlp1.1 rows [m0, m0+mn) with the mlp1.3 column block. The residual stream, the
+ * RMSNorms, layer scales, pixel shuffle and mlp1's LayerNorm are replicated. Per layer the ranks all-reduce
+ * (1) the partial sums of squares of q and k over the real channels they hold — QK-norm's variance is over
+ * all E real channels, which span ranks — (2) proj's partial output, (3) fc2's partial output, and once per
+ * tile (4) mlp1.3's partial output; biases are added after the reduction. Row blocks are views into the
+ * checkpoint (contiguous); column blocks are copied per rank unless the rank holds every column (N = 1). */
+typedef struct {
+    vlm_tensor q, k, vv, qb, kb, vb; /* row blocks of qkv weight / bias */
+    vlm_tensor proj;                  /* [E, hn*D] */
+    vlm_tensor fc1, fc1b;             /* [fn, E], [fn] */
+    vlm_tensor fc2;                   /* [E, fn] */
+    bool proj_own, fc2_own;
+} ivit_shard_layer;
+
+struct ivit_shard {
+    int rank, n, h0, hn;
+    int64_t f0, fn, m0, mn;
+    ivit_shard_layer *L;
+    vlm_tensor m1, m3;                /* [mn, 4E], [out, mn] */
+    bool m3_own;
+};
+
+static vlm_tensor rows_view(const vlm_tensor *t, int64_t r0, int64_t nr) {
+    vlm_tensor o = *t;
+    int64_t cols = t->ndim == 2 ? t->shape[1] : 1;
+    size_t es = vlm_dtype_size(t->dtype);
+    o.data = (char *)t->data + (size_t)(r0 * cols) * es;
+    o.shape[0] = nr;
+    o.nbytes = (size_t)(nr * cols) * es;
+    return o;
+}
+
+/* Column block [c0, c0+nc) of a 2-D tensor; a view when it is the whole tensor, else a copy (*own). */
+static vlm_status cols_block(const vlm_tensor *t, int64_t c0, int64_t nc, vlm_tensor *o, bool *own) {
+    *o = *t;
+    *own = false;
+    const int64_t R = t->shape[0], C = t->shape[1];
+    if (c0 == 0 && nc == C) return VLM_OK;
+    size_t es = vlm_dtype_size(t->dtype);
+    char *d = malloc((size_t)(R * nc) * es);
+    if (!d) return VLM_E_NOMEM;
+    for (int64_t r = 0; r < R; r++) memcpy(d + (size_t)(r * nc) * es, (const char *)t->data + (size_t)(r * C + c0) * es,
+                                           (size_t)nc * es);
+    o->data = d;
+    o->shape[1] = nc;
+    o->nbytes = (size_t)(R * nc) * es;
+    *own = true;
+    return VLM_OK;
+}
+
+static void shards_free(vlm_internvit *v) {
+    if (!v->shards) return;
+    for (int r = 0; r < v->tp; r++) {
+        ivit_shard *sh = &v->shards[r];
+        if (sh->L)
+            for (int l = 0; l < v->n_run; l++) {
+                if (sh->L[l].proj_own) free(sh->L[l].proj.data);
+                if (sh->L[l].fc2_own) free(sh->L[l].fc2.data);
+            }
+        if (sh->m3_own) free(sh->m3.data);
+        free(sh->L);
     }
+    free(v->shards);
+    v->shards = NULL;
+    v->tp = 0;
+}
+
+vlm_status vlm_internvit_set_tp(vlm_internvit *v, int n, char *err, size_t errlen) {
+    if (n < 1) return vis_err(err, errlen, VLM_E_INVALID, "InternViT tensor parallel: %d ranks", n);
+    if (v->HP % n || v->F % n || v->mlp_mid % n)
+        return vis_err(err, errlen, VLM_E_UNSUPPORTED,
+                       "InternViT tensor parallel over %d ranks: the %d padded heads, MLP width %d and mlp1 width %d "
+                       "must all divide by it", n, v->HP, v->F, v->mlp_mid);
+    shards_free(v);
+    v->shards = calloc((size_t)n, sizeof *v->shards);
+    if (!v->shards) return vis_err(err, errlen, VLM_E_NOMEM, "out of memory");
+    v->tp = n;
+    const int64_t D = v->D, QD = (int64_t)v->HP * D;
+    for (int r = 0; r < n; r++) {
+        ivit_shard *sh = &v->shards[r];
+        sh->rank = r;
+        sh->n = n;
+        sh->hn = v->HP / n;
+        sh->h0 = r * sh->hn;
+        sh->fn = v->F / n;
+        sh->f0 = r * sh->fn;
+        sh->mn = v->mlp_mid / n;
+        sh->m0 = r * sh->mn;
+        sh->L = calloc((size_t)(v->n_run > 0 ? v->n_run : 1), sizeof *sh->L);
+        if (!sh->L) goto oom;
+        const int64_t c0 = sh->h0 * D, cn = sh->hn * D;
+        for (int l = 0; l < v->n_run; l++) {
+            const ivit_layer *y = &v->layers[l];
+            ivit_shard_layer *o = &sh->L[l];
+            o->q = rows_view(&y->qkv_w, c0, cn);
+            o->k = rows_view(&y->qkv_w, QD + c0, cn);
+            o->vv = rows_view(&y->qkv_w, 2 * QD + c0, cn);
+            if (y->has_qkv_b) {
+                o->qb = rows_view(&y->qkv_b, c0, cn);
+                o->kb = rows_view(&y->qkv_b, QD + c0, cn);
+                o->vb = rows_view(&y->qkv_b, 2 * QD + c0, cn);
+            }
+            if (cols_block(&y->proj_w, c0, cn, &o->proj, &o->proj_own)) goto oom;
+            o->fc1 = rows_view(&y->fc1_w, sh->f0, sh->fn);
+            o->fc1b = rows_view(&y->fc1_b, sh->f0, sh->fn);
+            if (cols_block(&y->fc2_w, sh->f0, sh->fn, &o->fc2, &o->fc2_own)) goto oom;
+        }
+        sh->m1 = rows_view(&v->m1_w, sh->m0, sh->mn);
+        if (cols_block(&v->m3_w, sh->m0, sh->mn, &sh->m3, &sh->m3_own)) goto oom;
+    }
+    return VLM_OK;
+oom:
+    shards_free(v);
+    return vis_err(err, errlen, VLM_E_NOMEM, "out of memory for InternViT shards");
+}
+
+int vlm_internvit_tp(const vlm_internvit *v) { return v->tp; }
+
+/* In-process all-reduce for the rank threads: every rank sums the N partials in rank order 0..N-1 (so all
+ * ranks hold bitwise the same result and a run is reproducible). */
+typedef struct {
+    pthread_barrier_t bar;
+    int n;
+    float **bufs;
+    volatile int failed;
+} ivit_comm;
+
+static void all_reduce(ivit_comm *c, int rank, float *x, float *tmp, int64_t len) {
+    if (!c || c->n == 1) return;
+    c->bufs[rank] = x;
+    pthread_barrier_wait(&c->bar);
+    for (int64_t i = 0; i < len; i++) {
+        float s = 0;
+        for (int r = 0; r < c->n; r++) s += c->bufs[r][i];
+        tmp[i] = s;
+    }
+    pthread_barrier_wait(&c->bar); /* everyone has read every partial before any is overwritten */
+    memcpy(x, tmp, sizeof(float) * (size_t)len);
+}
+
+/* Encodes one tile on one rank's shard; with N ranks every rank calls this for the same tile at the same time.
+ * Rank 0 writes the (S/P/2)^2 projected tokens to out. Buffers come from the caller (w). */
+typedef struct {
+    float *x, *h, *a, *sc, *o, *ss, *red, *ps, *mid, *fin;
+} ivit_work;
+
+static void work_free(ivit_work *w) {
+    free(w->x); free(w->h); free(w->a); free(w->sc); free(w->o); free(w->ss); free(w->red); free(w->ps);
+    free(w->mid); free(w->fin);
+    memset(w, 0, sizeof *w);
+}
+
+static bool work_alloc(const vlm_internvit *v, const ivit_shard *sh, ivit_work *w) {
+    const int E = v->E, G = v->S / v->P, N = 1 + G * G, D = v->D;
+    const int64_t pd = 3ll * v->P * v->P, cn = (int64_t)sh->hn * D, T = (int64_t)(G / 2) * (G / 2);
+    int64_t hw = 3 * cn > sh->fn ? 3 * cn : sh->fn;
+    int64_t aw = E > pd ? E : pd;
+    if (cn > aw) aw = cn;
+    int64_t red = (int64_t)N * E > T * v->out_dim ? (int64_t)N * E : T * v->out_dim;
+    if (2ll * N > red) red = 2ll * N;
+    w->x = malloc(sizeof(float) * (size_t)N * E);
+    w->h = malloc(sizeof(float) * (size_t)N * (size_t)hw);
+    w->a = malloc(sizeof(float) * (size_t)N * (size_t)aw);
+    w->sc = malloc(sizeof(float) * (size_t)N * N);
+    w->o = malloc(sizeof(float) * (size_t)N * E);
+    w->ss = malloc(sizeof(float) * 2 * (size_t)N);
+    w->red = malloc(sizeof(float) * (size_t)red);
+    w->ps = malloc(sizeof(float) * (size_t)T * 4 * (size_t)E);
+    w->mid = malloc(sizeof(float) * (size_t)T * (size_t)sh->mn);
+    w->fin = malloc(sizeof(float) * (size_t)T * (size_t)v->out_dim);
+    return w->x && w->h && w->a && w->sc && w->o && w->ss && w->red && w->ps && w->mid && w->fin;
+}
+
+static void encode_tile_rank(const vlm_internvit *v, const ivit_shard *sh, ivit_comm *cm, ivit_work *w,
+                             const float *tile, float *out) {
+    const int E = v->E, G = v->S / v->P, N = 1 + G * G, P = v->P, S = v->S, D = v->D, hn = sh->hn;
+    const int64_t pd = 3ll * P * P, cn = (int64_t)hn * D, c0 = (int64_t)sh->h0 * D;
+    float *x = w->x, *h = w->h, *a = w->a, *sc = w->sc, *o = w->o;
     /* patches flattened as the Conv2d weight [E, 3, P, P]: (c, ky, kx) */
     for (int gy = 0; gy < G; gy++)
         for (int gx = 0; gx < G; gx++) {
@@ -214,53 +388,64 @@ static vlm_status encode_tile(const vlm_internvit *v, const float *tile, float *
     memcpy(x, v->cls, sizeof(float) * (size_t)E);
     for (int64_t i = 0; i < (int64_t)N * E; i++) x[i] += v->pos[i];
     const float scale = 1.0f / sqrtf((float)D);
+    /* this rank's channels that belong to real heads (QK-norm's variance is over the E real channels) */
+    const int64_t real_n = c0 >= E ? 0 : (c0 + cn <= E ? cn : E - c0);
     for (int l = 0; l < v->n_run; l++) {
         const ivit_layer *y = &v->layers[l];
+        const ivit_shard_layer *z = &sh->L[l];
         rms_norm(x, N, E, y->n1, v->eps, a);
-        vlm_linear(a, N, E, &y->qkv_w, y->has_qkv_b ? &y->qkv_b : NULL, h); /* [N, 3*QD]: q | k | v */
-        if (v->qk_norm)
+        /* h: [N, 3*cn] = this rank's q | k | v */
+        float *q = h, *k = h + (int64_t)N * cn, *vv = h + 2ll * N * cn;
+        vlm_linear(a, N, E, &z->q, y->has_qkv_b ? &z->qb : NULL, q);
+        vlm_linear(a, N, E, &z->k, y->has_qkv_b ? &z->kb : NULL, k);
+        vlm_linear(a, N, E, &z->vv, y->has_qkv_b ? &z->vb : NULL, vv);
+        if (v->qk_norm) {
             for (int64_t r = 0; r < N; r++)
                 for (int part = 0; part < 2; part++) {
-                    float *q = h + r * 3 * QD + part * QD;
-                    const float *w = part ? y->kn : y->qn;
-                    float ss = 0;
-                    for (int i = 0; i < E; i++) ss += q[i] * q[i]; /* real heads only */
-                    float inv = 1.0f / sqrtf(ss / (float)E + v->eps);
-                    for (int64_t i = 0; i < QD; i++) q[i] = q[i] * inv * w[i];
+                    const float *t = (part ? k : q) + r * cn;
+                    float s = 0;
+                    for (int64_t i = 0; i < real_n; i++) s += t[i] * t[i];
+                    w->ss[r * 2 + part] = s;
                 }
-        for (int64_t r = 0; r < N; r++)
-            for (int64_t i = 0; i < QD; i++) h[r * 3 * QD + i] *= scale;
-        for (int hd = 0; hd < HP; hd++) {
-            const float *q = h + (int64_t)hd * D, *k = h + QD + (int64_t)hd * D, *vv = h + 2 * QD + (int64_t)hd * D;
-            vlm_gemm_f32(N, N, D, q, 3 * QD, k, 3 * QD, true, 0.0f, sc, N);
+            all_reduce(cm, sh->rank, w->ss, w->red, 2ll * N);
+            for (int64_t r = 0; r < N; r++)
+                for (int part = 0; part < 2; part++) {
+                    float *t = (part ? k : q) + r * cn;
+                    const float *wn = (part ? y->kn : y->qn) + c0;
+                    float inv = 1.0f / sqrtf(w->ss[r * 2 + part] / (float)E + v->eps);
+                    for (int64_t i = 0; i < cn; i++) t[i] = t[i] * inv * wn[i];
+                }
+        }
+        for (int64_t i = 0; i < (int64_t)N * cn; i++) q[i] *= scale;
+        for (int hd = 0; hd < hn; hd++) {
+            vlm_gemm_f32(N, N, D, q + (int64_t)hd * D, cn, k + (int64_t)hd * D, cn, true, 0.0f, sc, N);
             for (int64_t r = 0; r < N; r++) {
                 float *s = sc + r * N, mx = -INFINITY, sum = 0;
                 for (int j = 0; j < N; j++) mx = fmaxf(mx, s[j]);
                 for (int j = 0; j < N; j++) { s[j] = expf(s[j] - mx); sum += s[j]; }
                 for (int j = 0; j < N; j++) s[j] /= sum;
             }
-            vlm_gemm_f32(N, D, N, sc, N, vv, 3 * QD, false, 0.0f, a + (int64_t)hd * D, QD);
+            vlm_gemm_f32(N, D, N, sc, N, vv + (int64_t)hd * D, cn, false, 0.0f, a + (int64_t)hd * D, cn);
         }
-        vlm_linear(a, N, QD, &y->proj_w, &y->proj_b, o);
+        vlm_linear(a, N, cn, &z->proj, NULL, o);
+        all_reduce(cm, sh->rank, o, w->red, (int64_t)N * E);
         for (int64_t r = 0; r < N; r++)
-            for (int i = 0; i < E; i++) x[r * E + i] += o[r * E + i] * y->ls1[i];
+            for (int i = 0; i < E; i++)
+                x[r * E + i] += (o[r * E + i] + t_at(&y->proj_b, i)) * y->ls1[i];
         rms_norm(x, N, E, y->n2, v->eps, a);
-        vlm_linear(a, N, E, &y->fc1_w, &y->fc1_b, h);
-        for (int64_t i = 0; i < (int64_t)N * v->F; i++) h[i] = gelu_erf(h[i]);
-        vlm_linear(h, N, v->F, &y->fc2_w, &y->fc2_b, o);
+        vlm_linear(a, N, E, &z->fc1, &z->fc1b, h);
+        for (int64_t i = 0; i < (int64_t)N * sh->fn; i++) h[i] = gelu_erf(h[i]);
+        vlm_linear(h, N, sh->fn, &z->fc2, NULL, o);
+        all_reduce(cm, sh->rank, o, w->red, (int64_t)N * E);
         for (int64_t r = 0; r < N; r++)
-            for (int i = 0; i < E; i++) x[r * E + i] += o[r * E + i] * y->ls2[i];
+            for (int i = 0; i < E; i++)
+                x[r * E + i] += (o[r * E + i] + t_at(&y->fc2_b, i)) * y->ls2[i];
     }
     /* drop CLS; pixel shuffle: token (a2, b2) gathers x[2a2+i][2b2+j] at features (i*2 + j)*E + c.
      * v1 emits tokens in (b2, a2) order (the transposed grid), v2 in (a2, b2) order. */
     const int G2 = G / 2;
-    const int64_t E4 = 4ll * E;
-    free(h); free(a); free(sc); free(o);
-    float *ps = malloc(sizeof(float) * (size_t)(G2 * G2) * (size_t)E4);
-    if (!ps) {
-        free(x);
-        return vis_err(err, errlen, VLM_E_NOMEM, "out of memory");
-    }
+    const int64_t E4 = 4ll * E, T = (int64_t)G2 * G2;
+    float *ps = w->ps;
     for (int a2 = 0; a2 < G2; a2++)
         for (int b2 = 0; b2 < G2; b2++) {
             int t = v->ps_version == 1 ? b2 * G2 + a2 : a2 * G2 + b2;
@@ -270,7 +455,6 @@ static vlm_status encode_tile(const vlm_internvit *v, const float *tile, float *
                            x + (1 + (int64_t)(2 * a2 + i) * G + (2 * b2 + j)) * E, sizeof(float) * (size_t)E);
         }
     /* mlp1: LayerNorm(4E) (biased variance, eps 1e-5) -> Linear -> GELU -> Linear */
-    const int64_t T = (int64_t)G2 * G2;
     for (int64_t t = 0; t < T; t++) {
         float *r = ps + t * E4;
         double mean = 0, var = 0;
@@ -281,25 +465,87 @@ static vlm_status encode_tile(const vlm_internvit *v, const float *tile, float *
         float inv = (float)(1.0 / sqrt(var + MLP1_LN_EPS));
         for (int64_t i = 0; i < E4; i++) r[i] = ((float)(r[i] - mean)) * inv * v->ln_w[i] + v->ln_b[i];
     }
-    float *mid = malloc(sizeof(float) * (size_t)T * (size_t)v->mlp_mid);
-    if (!mid) {
-        free(x); free(ps);
-        return vis_err(err, errlen, VLM_E_NOMEM, "out of memory");
+    vlm_linear(ps, T, E4, &sh->m1, NULL, w->mid);
+    for (int64_t i = 0; i < T * sh->mn; i++) w->mid[i] = gelu_erf(w->mid[i]);
+    float *dst = sh->n == 1 ? out : w->fin;
+    vlm_linear(w->mid, T, sh->mn, &sh->m3, NULL, dst);
+    all_reduce(cm, sh->rank, dst, w->red, T * v->out_dim);
+    if (sh->n > 1 && sh->rank == 0) memcpy(out, dst, sizeof(float) * (size_t)(T * v->out_dim));
+}
+
+typedef struct {
+    const vlm_internvit *v;
+    const ivit_shard *sh;
+    ivit_comm *cm;
+    const vlm_pixels *px;
+    float *out;
+    int omp_threads;
+    bool ok;
+} ivit_rank_job;
+
+static void *rank_run(void *arg) {
+    ivit_rank_job *j = arg;
+    const vlm_internvit *v = j->v;
+    if (j->omp_threads > 0) omp_set_num_threads(j->omp_threads);
+    ivit_work w = {0};
+    j->ok = work_alloc(v, j->sh, &w);
+    if (!j->ok) j->cm->failed = 1;
+    pthread_barrier_wait(&j->cm->bar); /* all ranks agree whether to go on */
+    if (!j->cm->failed) {
+        const int64_t tile_dim = 3ll * v->S * v->S, per = (int64_t)(v->S / v->P / 2) * (v->S / v->P / 2);
+        for (int64_t t = 0; t < j->px->n_patches; t++)
+            encode_tile_rank(v, j->sh, j->cm, &w, j->px->pixel_values + t * tile_dim, j->out + t * per * v->out_dim);
     }
-    vlm_linear(ps, T, E4, &v->m1_w, NULL, mid);
-    for (int64_t i = 0; i < T * v->mlp_mid; i++) mid[i] = gelu_erf(mid[i]);
-    vlm_linear(mid, T, v->mlp_mid, &v->m3_w, NULL, out);
-    free(mid); free(x); free(ps);
-    return VLM_OK;
+    work_free(&w);
+    return NULL;
 }
 
 vlm_status vlm_internvit_encode(const vlm_internvit *v, const vlm_pixels *px, float *out, char *err, size_t errlen) {
     const int64_t tile_dim = 3ll * v->S * v->S, per = (int64_t)(v->S / v->P / 2) * (v->S / v->P / 2);
     if (px->patch_dim != tile_dim || px->n_tokens != px->n_patches * per)
         return vis_err(err, errlen, VLM_E_INVALID, "pixel_values are not %dx%d tiles", v->S, v->S);
-    for (int64_t t = 0; t < px->n_patches; t++) {
-        vlm_status st = encode_tile(v, px->pixel_values + t * tile_dim, out + t * per * v->out_dim, err, errlen);
-        if (st) return st;
+    const int n = v->tp;
+    if (n == 1) {
+        ivit_work w = {0};
+        if (!work_alloc(v, &v->shards[0], &w)) {
+            work_free(&w);
+            return vis_err(err, errlen, VLM_E_NOMEM, "out of memory for an InternViT tile");
+        }
+        for (int64_t t = 0; t < px->n_patches; t++)
+            encode_tile_rank(v, &v->shards[0], NULL, &w, px->pixel_values + t * tile_dim, out + t * per * v->out_dim);
+        work_free(&w);
+        return VLM_OK;
     }
-    return VLM_OK;
+    ivit_comm cm = {.n = n};
+    float **bufs = calloc((size_t)n, sizeof *bufs);
+    ivit_rank_job *jobs = calloc((size_t)n, sizeof *jobs);
+    pthread_t *th = calloc((size_t)n, sizeof *th);
+    if (!bufs || !jobs || !th || pthread_barrier_init(&cm.bar, NULL, (unsigned)n)) {
+        free(bufs); free(jobs); free(th);
+        return vis_err(err, errlen, VLM_E_NOMEM, "out of memory for InternViT ranks");
+    }
+    cm.bufs = bufs;
+    /* the rank threads are not OpenMP threads: each starts its own team, so split the cores */
+    int per_rank = vlm_cpu_threads() / n > 0 ? vlm_cpu_threads() / n : 1;
+    int started = 0;
+    for (int r = 0; r < n; r++) {
+        jobs[r] = (ivit_rank_job){.v = v, .sh = &v->shards[r], .cm = &cm, .px = px, .out = out,
+                                  .omp_threads = per_rank};
+        if (r > 0 && pthread_create(&th[r], NULL, rank_run, &jobs[r]) != 0) break;
+        started = r + 1;
+    }
+    vlm_status st = VLM_OK;
+    if (started != n) {
+        /* a barrier sized for n ranks cannot complete: this only happens when thread creation fails, before
+         * rank 0 has entered any barrier, so the started ranks are stopped by failing their agreement step */
+        cm.failed = 1;
+        for (int r = started; r < n; r++) pthread_barrier_wait(&cm.bar);
+        st = vis_err(err, errlen, VLM_E_NOMEM, "cannot start InternViT rank threads");
+    }
+    rank_run(&jobs[0]);
+    for (int r = 1; r < started; r++) pthread_join(th[r], NULL);
+    if (st == VLM_OK && cm.failed) st = vis_err(err, errlen, VLM_E_NOMEM, "out of memory for an InternViT tile");
+    pthread_barrier_destroy(&cm.bar);
+    free(bufs); free(jobs); free(th);
+    return st;
 }

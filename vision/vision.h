@@ -93,6 +93,13 @@ vlm_status vlm_internvit_load(const vlm_model *m, vlm_internvit **out, char *err
 void vlm_internvit_free(vlm_internvit *v);
 vlm_status vlm_internvit_encode(const vlm_internvit *v, const vlm_pixels *px, float *out, char *err,
                                 size_t errlen);
+/* Tensor parallel over n CPU rank threads (default 1): rank r computes padded heads [r*HP/n, (r+1)*HP/n) — NVLM's
+ * 25 + 7 dummy heads give 4 per rank at n = 8 — and 1/n of the MLP and of mlp1, all-reducing the QK-norm
+ * partial sums of squares and the row-parallel outputs (docs/nvlm.md). Row blocks alias the checkpoint; column
+ * blocks are copied. VLM_E_UNSUPPORTED when the padded heads, MLP width or mlp1 width do not divide by n.
+ * Not thread-safe with a concurrent encode of the same encoder. */
+vlm_status vlm_internvit_set_tp(vlm_internvit *v, int n, char *err, size_t errlen);
+int vlm_internvit_tp(const vlm_internvit *v);
 
 /* The Qwen2-VL vision transformer + PatchMerger. Weights are read from the model's checkpoint
  * (both `visual.*` and `model.visual.*` namings). Read-only after load; encode is re-entrant. */

@@ -436,8 +436,66 @@ static void test_pixel_shuffle_v1(void) {
     rmdir(dir);
 }
 
+/* Tensor-parallel InternViT: tools/make_model.py's tiny-nvlm (3 real heads + 1 dummy head = 4 padded heads, MLP
+ * 96, mlp1 64) split over 2 and 4 CPU rank threads must give the 1-rank embeddings of a 3-tile image. Only the
+ * summation order differs (QK-norm sums of squares and row-parallel partials added rank by rank), so the
+ * tolerance is f32 rounding: TP_TOL 1e-5 absolute on embeddings of magnitude ~0.1 (measured max 1.0e-7 at tp 2 and 4).
+ * Rank 1 of 2 holds the real head 2 and the dummy head, so a dummy head sharing a rank with a real one is covered;
+ * an indivisible split (3 ranks) is refused. */
+#define TP_TOL 1e-5
+static void test_internvit_tp(void) {
+    const char *dir = getenv("VLMD_TEST_MODELS");
+    if (!dir) {
+        printf("  skip: VLMD_TEST_MODELS is not set (tests/run.sh sets it)\n");
+        return;
+    }
+    char path[1024], err[512];
+    snprintf(path, sizeof path, "%s/tiny-nvlm", dir);
+    vlm_load_opts o = {.threads = 2};
+    vlm_model *m = NULL;
+    CHECKF(vlm_model_load(path, &o, &m, err, sizeof err) == VLM_OK, "%s", err);
+    if (!m) return;
+    vlm_internvit *v = NULL;
+    CHECKF(vlm_internvit_load(m, &v, err, sizeof err) == VLM_OK, "%s", err);
+    if (!v) {
+        vlm_model_free(m);
+        return;
+    }
+    CHECK_EQ_INT(vlm_internvit_tp(v), 1);
+    vlm_image img;
+    synth(900, 448, &img); /* 2x1 grid + thumbnail */
+    vlm_pixels px;
+    CHECK(vlm_nvlm_preprocess(vlm_model_cfg(m), &img, &px, err, sizeof err) == VLM_OK);
+    vlm_img_free(&img);
+    CHECK_EQ_INT((int)px.n_patches, 3);
+    const size_t n = (size_t)px.n_tokens * (size_t)vlm_model_cfg(m)->hidden;
+    float *ref = malloc(sizeof(float) * n), *got = malloc(sizeof(float) * n);
+    CHECK(vlm_internvit_encode(v, &px, ref, err, sizeof err) == VLM_OK);
+    double mag = 0;
+    for (size_t i = 0; i < n; i++) mag = fmax(mag, fabs(ref[i]));
+    CHECK(mag > 1e-3); /* not a trivially zero output */
+    const int ranks[] = {2, 4};
+    for (int k = 0; k < 2; k++) {
+        CHECKF(vlm_internvit_set_tp(v, ranks[k], err, sizeof err) == VLM_OK, "%s", err);
+        CHECK_EQ_INT(vlm_internvit_tp(v), ranks[k]);
+        memset(got, 0, sizeof(float) * n);
+        CHECK(vlm_internvit_encode(v, &px, got, err, sizeof err) == VLM_OK);
+        double md = 0;
+        for (size_t i = 0; i < n; i++) md = fmax(md, fabs((double)got[i] - ref[i]));
+        printf("  internvit tp=%d vs tp=1: max |diff| %.3g (max |x| %.3g)\n", ranks[k], md, mag);
+        CHECK(md <= TP_TOL);
+    }
+    CHECK(vlm_internvit_set_tp(v, 3, err, sizeof err) == VLM_E_UNSUPPORTED);
+    free(ref);
+    free(got);
+    vlm_pixels_free(&px);
+    vlm_internvit_free(v);
+    vlm_model_free(m);
+}
+
 int main(void) {
     RUN(test_config_nvlm_d_72b);
+    RUN(test_internvit_tp);
     RUN(test_tiling_decisions);
     RUN(test_tiling_hand_worked);
     RUN(test_pixel_values);

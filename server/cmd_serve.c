@@ -17,6 +17,10 @@
 #include "server/serve.h"
 #include "server/server.h"
 
+/* After the listener closes, time for requests on connections taken from its backlog to arrive and
+ * be admitted before new requests get 503 (loopback and LAN bodies arrive well within it). */
+#define LISTEN_CLOSE_GRACE_MS 200
+
 static bool is_dir(const char *p) {
     struct stat sb;
     return stat(p, &sb) == 0 && S_ISDIR(sb.st_mode);
@@ -118,6 +122,22 @@ int vlmd_cmd_serve(int argc, char **argv) {
 
     int sig = 0;
     sigwait(&set, &sig);
+    if (cfg.drain_delay > 0) {
+        /* Lame duck: /ready says draining so health-checking load balancers (and Kubernetes
+         * endpoints) stop routing here, while what still arrives is served normally. Then the
+         * listener closes: a new connection is refused, which every load balancer may retry on
+         * another replica because the request never reached this one. */
+        fprintf(stderr, "level=info event=drain_delay signal=%d delay_s=%g\n", sig, cfg.drain_delay);
+        vlmd_http_set_unready(h);
+        struct timespec ts = {(time_t)cfg.drain_delay,
+                              (long)((cfg.drain_delay - (double)(time_t)cfg.drain_delay) * 1e9)};
+        while (nanosleep(&ts, &ts) != 0) {}
+        int taken = vlmd_http_close_listener(h);
+        fprintf(stderr, "level=info event=listener_closed backlog_taken=%d\n", taken);
+        /* Requests on connections just taken from the backlog are admitted, not refused. */
+        struct timespec g = {0, LISTEN_CLOSE_GRACE_MS * 1000000L};
+        nanosleep(&g, NULL);
+    }
     fprintf(stderr, "level=info event=drain signal=%d busy=%d timeout_s=%g\n", sig, vlmd_sched_busy(s),
             cfg.drain_timeout);
     vlmd_http_set_draining(h);

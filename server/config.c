@@ -58,6 +58,10 @@ static const opt_t OPTS[] = {
      "seconds from arrival to the end of generation (0 = none; default 600)"},
     {"drain-timeout", T_SECONDS, O(drain_timeout), 0, 0, 1e9,
      "on SIGTERM, seconds to let running requests finish before cancelling (default 30)"},
+    {"drain-delay", T_SECONDS, O(drain_delay), 0, 0, 1e6,
+     "on SIGTERM, seconds /ready answers 503 while requests are still served (so load balancers "
+     "stop routing here), then the listening socket closes (new connections are refused) before "
+     "the drain; 0 = keep listening and answer 503 (default 0)"},
     {"read-timeout", T_SECONDS, O(read_timeout), 0, 0.1, 1e9,
      "seconds to receive a whole request body; 408 beyond (default 30)"},
     {"idle-timeout", T_SECONDS, O(idle_timeout), 0, 1, 1e9,
@@ -97,6 +101,7 @@ void vlmd_cfg_defaults(vlmd_serve_cfg *c) {
     c->max_n = 8;
     c->request_timeout = 600;
     c->drain_timeout = 30;
+    c->drain_delay = 0;
     c->read_timeout = 30;
     c->idle_timeout = 60;
     c->ping_interval = 10;

@@ -16,6 +16,7 @@
  * longer than --read-timeout gets 408; idle connections close after --idle-timeout. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <math.h>
@@ -27,6 +28,7 @@
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "server/serve.h"
 
@@ -38,6 +40,7 @@ struct vlmd_http {
     const vlmd_serve_cfg *cfg;
     vlmd_metrics *m;
     _Atomic int state;
+    atomic_bool unready; /* --drain-delay: /ready says draining while requests are still served */
     const vlmd_bundle *b;
     vlmd_sched *s;
     char model_name[256];
@@ -88,7 +91,9 @@ static enum MHD_Result send_body(conn_t *cx, int status, const char *ctype, char
     MHD_add_response_header(resp, "X-Request-Id", cx->rid);
     if (h1) MHD_add_response_header(resp, h1, v1);
     /* A refused body may still be arriving: close rather than parse what follows as a request. */
-    if (status == 413 || status == 408) MHD_add_response_header(resp, "Connection", "close");
+    /* Draining: close keep-alive connections so their next request opens a new one elsewhere. */
+    if (status == 413 || status == 408 || atomic_load(&cx->h->state) == VLMD_STATE_DRAINING)
+        MHD_add_response_header(resp, "Connection", "close");
     enum MHD_Result rc = MHD_queue_response(cx->conn, (unsigned)status, resp);
     MHD_destroy_response(resp);
     cx->responded = true;
@@ -213,7 +218,8 @@ static enum MHD_Result do_get(conn_t *cx, const char *url) {
     switch (cx->route) {
     case R_HEALTH: return send_json(cx, 200, strdup("{\"status\":\"ok\"}"));
     case R_READY:
-        if (st == VLMD_STATE_READY) return send_json(cx, 200, strdup("{\"status\":\"ready\"}"));
+        if (st == VLMD_STATE_READY && !atomic_load(&h->unready))
+            return send_json(cx, 200, strdup("{\"status\":\"ready\"}"));
         return send_json(cx, 503, strdup(st == VLMD_STATE_LOADING ? "{\"status\":\"loading\"}"
                                                                   : "{\"status\":\"draining\"}"));
     case R_METRICS: {
@@ -446,6 +452,7 @@ static enum MHD_Result do_generate(conn_t *cx) {
         if (!resp) return MHD_NO;
         MHD_add_response_header(resp, "Content-Type", "text/event-stream");
         MHD_add_response_header(resp, "Cache-Control", "no-cache");
+        if (atomic_load(&h->state) == VLMD_STATE_DRAINING) MHD_add_response_header(resp, "Connection", "close");
         MHD_add_response_header(resp, "X-Request-Id", cx->rid);
         enum MHD_Result mr = MHD_queue_response(cx->conn, 200, resp);
         MHD_destroy_response(resp);
@@ -608,7 +615,9 @@ vlmd_http *vlmd_http_start(const vlmd_serve_cfg *cfg, vlmd_metrics *m, int *port
     h->started = (int64_t)vlmd_wall();
     struct sockaddr_storage ss;
     memset(&ss, 0, sizeof ss);
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG;
+    /* MHD_USE_ITC: needed by MHD_quiesce_daemon and MHD_add_connection (vlmd_http_close_listener). */
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG |
+                     MHD_USE_ITC;
     if (strchr(cfg->host, ':')) {
         struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
         a6->sin6_family = AF_INET6;
@@ -678,6 +687,31 @@ void vlmd_http_set_ready(vlmd_http *h, const vlmd_bundle *b, vlmd_sched *s, cons
 }
 
 void vlmd_http_set_draining(vlmd_http *h) { atomic_store(&h->state, VLMD_STATE_DRAINING); }
+
+void vlmd_http_set_unready(vlmd_http *h) { atomic_store(&h->unready, true); }
+
+int vlmd_http_close_listener(vlmd_http *h) {
+    MHD_socket ls = MHD_quiesce_daemon(h->d);
+    if (ls == MHD_INVALID_SOCKET) return -1;
+    /* A connection the kernel completed but MHD had not accepted yet would be reset by close(),
+     * after its client may already have sent the request: a load balancer could then neither
+     * retry it safely nor get an answer. Take those over and let MHD serve them. */
+    int fl = fcntl(ls, F_GETFL);
+    if (fl >= 0) fcntl(ls, F_SETFL, fl | O_NONBLOCK);
+    int taken = 0;
+    for (;;) {
+        struct sockaddr_storage sa;
+        socklen_t sl = sizeof sa;
+        int fd = accept4(ls, (struct sockaddr *)&sa, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR) continue;
+            break; /* EAGAIN: the backlog is empty */
+        }
+        if (MHD_add_connection(h->d, fd, (struct sockaddr *)&sa, sl) == MHD_YES) taken++;
+    }
+    close(ls);
+    return taken;
+}
 
 void vlmd_http_stop(vlmd_http *h) {
     if (!h) return;

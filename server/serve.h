@@ -46,6 +46,7 @@ typedef struct {
     int max_n;
     double request_timeout;   /* seconds from arrival to the end of generation; 0 = none */
     double drain_timeout;
+    double drain_delay;       /* SIGTERM: seconds of 'unready but serving', then close the listener */
     double read_timeout;      /* seconds to receive the whole request body */
     double idle_timeout;      /* MHD connection idle timeout */
     double ping_interval;     /* SSE ": ping" comment after this many idle seconds */
@@ -272,6 +273,13 @@ vlmd_http *vlmd_http_start(const vlmd_serve_cfg *cfg, vlmd_metrics *m, int *port
 /* Hands the loaded model and running scheduler to the HTTP side (state becomes READY). */
 void vlmd_http_set_ready(vlmd_http *h, const vlmd_bundle *b, vlmd_sched *s, const char *model_name);
 void vlmd_http_set_draining(vlmd_http *h);
+/* /ready answers 503 {"status":"draining"} while requests are still admitted (--drain-delay). */
+void vlmd_http_set_unready(vlmd_http *h);
+/* Stops accepting: connections already waiting in the listen backlog are still taken (and served),
+ * then the listening socket is closed, so a new connection is refused and a load balancer can
+ * retry it on another replica knowing it never reached this one. Returns the number taken from
+ * the backlog, -1 when MHD could not hand the socket back. */
+int vlmd_http_close_listener(vlmd_http *h);
 void vlmd_http_stop(vlmd_http *h);
 
 #endif

@@ -220,6 +220,12 @@ static void test_config(void) {
     CHECK(c.allow_remote_media && !c.allow_private_media);
     CHECK_NEAR(c.drain_timeout, 2.5, 0);
     CHECK(!strcmp(c.model, "/m"));
+    CHECK_NEAR(c.drain_delay, 0, 0); /* default: keep listening during the drain */
+    char *argv_dd[] = {"serve", "--drain-delay", "1.5"};
+    CHECK_EQ_INT(vlmd_cfg_parse(&c, 3, argv_dd, err, sizeof err), 0);
+    CHECK_NEAR(c.drain_delay, 1.5, 0);
+    char *bad_dd[] = {"serve", "--drain-delay", "-1"};
+    CHECK_EQ_INT(vlmd_cfg_parse(&c, 3, bad_dd, err, sizeof err), -1);
 
     vlmd_cfg_defaults(&c);
     char *bad1[] = {"serve", "--max-seqs", "0"};

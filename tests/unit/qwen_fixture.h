@@ -1,6 +1,7 @@
 /* qwen_fixture.h — shared by the C tests that replay the transformers fixtures of tools/make_fixtures.py
  * (tests/fixtures/qwen2vl/<model>/<case>/) on the checkpoints tools/make_model.py writes into
- * $VLMD_TEST_MODELS: case loading (prompt ids, image embeds, reference tokens) and the sequence descriptor.
+ * $VLMD_TEST_MODELS: case loading (prompt ids, image embeds, reference tokens), the sequence descriptor,
+ * model loading and one greedy run of a case on a given backend and tp.
  * Header-only (static functions), like the other tests/unit helpers; include after npy_read.h. */
 #ifndef VLMD_TEST_QWEN_FIXTURE_H
 #define VLMD_TEST_QWEN_FIXTURE_H
@@ -95,6 +96,52 @@ static vlm_seq_desc desc_of(const fcase *c, int max_tokens) {
     d.max_tokens = max_tokens;
     d.ignore_eos = true;
     return d;
+}
+
+/* The checkpoint $VLMD_TEST_MODELS/<name> (models_dir), loaded for 2 threads; NULL (and a failed check)
+ * when it cannot be loaded. */
+static inline vlm_model *fixture_model_load(const char *name) {
+    char dir[600], err[512];
+    snprintf(dir, sizeof dir, "%s/%s", models_dir, name);
+    vlm_load_opts o = {.threads = 2};
+    vlm_model *m = NULL;
+    vlm_status st = vlm_model_load(dir, &o, &m, err, sizeof err);
+    CHECKF(st == VLM_OK, "load %s: %s", name, err);
+    return m;
+}
+
+/* One sequence alone on an engine of backend `be` over tp ranks: its first n greedy tokens and the logits
+ * of every step ([n][vocab]). False (and a failed check) when the engine refuses or stops early. */
+/* static inline: not every includer calls these, and unused inline functions draw no warning */
+static inline bool fixture_run_greedy(vlm_model *m, vlm_backend_kind be, int tp, const fcase *c, int n,
+                                      int32_t *toks, float *logits) {
+    vlm_engine_opts eo = {.threads = 2, .max_seqs = 4, .max_batch_tokens = 256, .tp = tp, .backend = be};
+    vlm_engine *e = NULL;
+    char err[512];
+    vlm_status st = vlm_engine_create(m, &eo, &e, err, sizeof err);
+    CHECKF(st == VLM_OK, "%s tp %d: %s", vlm_backend_name(be), tp, err);
+    if (st) return false;
+    vlm_seq_desc d = desc_of(c, n);
+    d.want_logits = true;
+    uint64_t id;
+    st = vlm_engine_add(e, &d, &id, err, sizeof err);
+    CHECKF(st == VLM_OK, "%s: %s", c->dir, err);
+    int64_t V = vlm_model_cfg(m)->vocab;
+    int nt = 0;
+    vlm_token_event ev[4];
+    while (st == VLM_OK && vlm_engine_active(e)) {
+        int ne = vlm_engine_step(e, ev, 4);
+        for (int i = 0; i < ne; i++)
+            if (ev[i].token >= 0 && nt < n) {
+                const float *lg = vlm_engine_logits(e, id);
+                VLM_ASSERT(lg);
+                memcpy(logits + (int64_t)nt * V, lg, (size_t)V * sizeof(float));
+                toks[nt++] = ev[i].token;
+            }
+    }
+    vlm_engine_free(e);
+    CHECK_EQ_INT(nt, n);
+    return nt == n;
 }
 
 #endif

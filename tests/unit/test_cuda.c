@@ -611,53 +611,13 @@ static void test_be_memory(void) {
 #define MODEL_TOL_BF16 3e-2
 #define GEN_TOKENS 16
 
-static vlm_model *load_model(const char *name) {
-    char dir[600], e2[512];
-    snprintf(dir, sizeof dir, "%s/%s", models_dir, name);
-    vlm_load_opts o = {.threads = 2};
-    vlm_model *m = NULL;
-    vlm_status st = vlm_model_load(dir, &o, &m, e2, sizeof e2);
-    CHECKF(st == VLM_OK, "load %s: %s", name, e2);
-    return m;
-}
-
-static bool run_one(vlm_model *m, vlm_backend_kind be, int tp, const fcase *c, int32_t *toks, float *logits) {
-    vlm_engine_opts eo = {.threads = 2, .max_seqs = 4, .max_batch_tokens = 256, .tp = tp, .backend = be};
-    vlm_engine *e = NULL;
-    char e2[512];
-    vlm_status st = vlm_engine_create(m, &eo, &e, e2, sizeof e2);
-    CHECKF(st == VLM_OK, "%s tp %d: %s", vlm_backend_name(be), tp, e2);
-    if (st) return false;
-    vlm_seq_desc d = desc_of(c, GEN_TOKENS);
-    d.want_logits = true;
-    uint64_t id;
-    st = vlm_engine_add(e, &d, &id, e2, sizeof e2);
-    CHECKF(st == VLM_OK, "%s: %s", c->dir, e2);
-    int64_t V = vlm_model_cfg(m)->vocab;
-    int nt = 0;
-    vlm_token_event ev[4];
-    while (st == VLM_OK && vlm_engine_active(e)) {
-        int ne = vlm_engine_step(e, ev, 4);
-        for (int i = 0; i < ne; i++)
-            if (ev[i].token >= 0 && nt < GEN_TOKENS) {
-                const float *lg = vlm_engine_logits(e, id);
-                VLM_ASSERT(lg);
-                memcpy(logits + nt * V, lg, (size_t)V * sizeof(float));
-                toks[nt++] = ev[i].token;
-            }
-    }
-    vlm_engine_free(e);
-    CHECK_EQ_INT(nt, GEN_TOKENS);
-    return nt == GEN_TOKENS;
-}
-
 /* Greedy tokens must agree step by step until a step where the CPU's top-2 logit margin is below twice the
  * tolerance (a near tie the tolerance allows to flip); from there on the sequences may legitimately differ,
  * so comparison stops. Logits are compared over the steps before that point. */
 static double worst_model_diff;
 
 static void compare_backends(const char *model, int gpu_tp, const char *const *cases, int n_cases) {
-    vlm_model *m = load_model(model);
+    vlm_model *m = fixture_model_load(model);
     if (!m) return;
     const vlm_model_config *cfg = vlm_model_cfg(m);
     int64_t V = cfg->vocab;
@@ -671,7 +631,8 @@ static void compare_backends(const char *model, int gpu_tp, const char *const *c
             continue;
         }
         int32_t tc[GEN_TOKENS], tg[GEN_TOKENS];
-        if (run_one(m, VLM_BACKEND_CPU, 1, &c, tc, ref) && run_one(m, VLM_BACKEND_CUDA, gpu_tp, &c, tg, got)) {
+        if (fixture_run_greedy(m, VLM_BACKEND_CPU, 1, &c, GEN_TOKENS, tc, ref) &&
+            fixture_run_greedy(m, VLM_BACKEND_CUDA, gpu_tp, &c, GEN_TOKENS, tg, got)) {
             int steps = 0;
             double md = 0;
             for (int s = 0; s < GEN_TOKENS; s++) {
@@ -727,7 +688,7 @@ static void test_model_tp2(void) {
  * its fixture greedy tokens (f32 checkpoint). */
 static void test_model_batched(void) {
     const char *model = "small-f32-hd32";
-    vlm_model *m = load_model(model);
+    vlm_model *m = fixture_model_load(model);
     if (!m) return;
     const char *names[] = {"text", "image", "two_images", "image_odd"};
     fcase c[4];

@@ -21,51 +21,10 @@
 
 #include "tests/unit/qwen_fixture.h"
 
-static vlm_model *load_model(const char *name) {
-    char dir[600], err[512];
-    snprintf(dir, sizeof dir, "%s/%s", models_dir, name);
-    vlm_load_opts o = {.threads = 2};
-    vlm_model *m = NULL;
-    vlm_status st = vlm_model_load(dir, &o, &m, err, sizeof err);
-    CHECKF(st == VLM_OK, "load %s: %s", name, err);
-    return m;
-}
-
-/* One sequence alone: its greedy tokens and the logits of every step ([GEN_TOKENS][vocab]). */
-static bool run_one(vlm_model *m, int tp, const fcase *c, int32_t *toks, float *logits) {
-    vlm_engine_opts eo = {.threads = 2, .max_seqs = 4, .max_batch_tokens = 256, .tp = tp};
-    vlm_engine *e = NULL;
-    char err[512];
-    vlm_status st = vlm_engine_create(m, &eo, &e, err, sizeof err);
-    CHECKF(st == VLM_OK, "tp %d: %s", tp, err);
-    if (st) return false;
-    vlm_seq_desc d = desc_of(c, GEN_TOKENS);
-    d.want_logits = true;
-    uint64_t id;
-    st = vlm_engine_add(e, &d, &id, err, sizeof err);
-    CHECKF(st == VLM_OK, "%s: %s", c->dir, err);
-    int64_t V = vlm_model_cfg(m)->vocab;
-    int nt = 0;
-    vlm_token_event ev[4];
-    while (st == VLM_OK && vlm_engine_active(e)) {
-        int ne = vlm_engine_step(e, ev, 4);
-        for (int i = 0; i < ne; i++)
-            if (ev[i].token >= 0 && nt < GEN_TOKENS) {
-                const float *lg = vlm_engine_logits(e, id);
-                VLM_ASSERT(lg);
-                memcpy(logits + nt * V, lg, (size_t)V * sizeof(float));
-                toks[nt++] = ev[i].token;
-            }
-    }
-    vlm_engine_free(e);
-    CHECK_EQ_INT(nt, GEN_TOKENS);
-    return nt == GEN_TOKENS;
-}
-
 static double worst_diff;
 
 static void compare_tp(const char *model, const int *tps, int n_tps, const char *const *cases, int n_cases) {
-    vlm_model *m = load_model(model);
+    vlm_model *m = fixture_model_load(model);
     if (!m) return;
     int64_t V = vlm_model_cfg(m)->vocab;
     float *ref = malloc((size_t)(GEN_TOKENS * V) * sizeof(float)), *got = malloc((size_t)(GEN_TOKENS * V) * sizeof(float));
@@ -77,7 +36,7 @@ static void compare_tp(const char *model, const int *tps, int n_tps, const char 
             continue;
         }
         int32_t t1[GEN_TOKENS], tn[GEN_TOKENS];
-        if (run_one(m, 1, &c, t1, ref)) {
+        if (fixture_run_greedy(m, VLM_BACKEND_CPU, 1, &c, GEN_TOKENS, t1, ref)) {
             /* tp = 1 itself must still be the transformers greedy continuation */
             int64_t ng;
             int32_t *want = ids_of(cJSON_GetObjectItem(c.j, c.bf16 ? "greedy_ids_f32ref" : "greedy_ids"), &ng);
@@ -86,7 +45,7 @@ static void compare_tp(const char *model, const int *tps, int n_tps, const char 
             CHECKF(bad < 0 && ng >= GEN_TOKENS, "%s tp 1 vs fixture: differs at %d", c.dir, bad);
             free(want);
             for (int k = 0; k < n_tps; k++) {
-                if (!run_one(m, tps[k], &c, tn, got)) continue;
+                if (!fixture_run_greedy(m, VLM_BACKEND_CPU, tps[k], &c, GEN_TOKENS, tn, got)) continue;
                 bad = -1;
                 for (int i = 0; i < GEN_TOKENS; i++) if (tn[i] != t1[i]) { bad = i; break; }
                 CHECKF(bad < 0, "%s tp %d: greedy differs from tp 1 at step %d", c.dir, tps[k], bad);
@@ -142,7 +101,7 @@ static void run_all(vlm_engine *e, const vlm_seq_desc *d, int n, const int *add_
 /* Several sequences at once under tp 2 (one joining late, tiny chunks, or a pool small enough to force
  * preemption) give each sequence exactly its tokens when run alone (the fixture's greedy ids). */
 static void tp_batch(const char *model, vlm_engine_opts eo, bool expect_preempt) {
-    vlm_model *m = load_model(model);
+    vlm_model *m = fixture_model_load(model);
     if (!m) return;
     const char *names[] = {"text", "image", "two_images", "image_odd"};
     fcase c[4];
@@ -200,14 +159,15 @@ static void test_tp_preemption(void) {
 
 /* Two tp runs give bitwise-identical logits: the all-reduce adds partials in fixed rank order. */
 static void test_tp_deterministic(void) {
-    vlm_model *m = load_model("tiny-f32-tied");
+    vlm_model *m = fixture_model_load("tiny-f32-tied");
     if (!m) return;
     fcase c;
     if (case_load(&c, "tiny-f32-tied", "image")) {
         int64_t V = vlm_model_cfg(m)->vocab;
         float *a = malloc((size_t)(GEN_TOKENS * V) * sizeof(float)), *b = malloc((size_t)(GEN_TOKENS * V) * sizeof(float));
         int32_t ta[GEN_TOKENS], tb[GEN_TOKENS];
-        if (run_one(m, 4, &c, ta, a) && run_one(m, 4, &c, tb, b)) {
+        if (fixture_run_greedy(m, VLM_BACKEND_CPU, 4, &c, GEN_TOKENS, ta, a) &&
+            fixture_run_greedy(m, VLM_BACKEND_CPU, 4, &c, GEN_TOKENS, tb, b)) {
             CHECK(!memcmp(ta, tb, sizeof ta));
             CHECK(!memcmp(a, b, (size_t)(GEN_TOKENS * V) * sizeof(float)));
         }
@@ -221,7 +181,7 @@ static void test_tp_deterministic(void) {
 static void test_tp_memory_plan(void) {
     const char *models[] = {"tiny-f32-tied", "small-f32-hd32"};
     for (int mi = 0; mi < 2; mi++) {
-        vlm_model *m = load_model(models[mi]);
+        vlm_model *m = fixture_model_load(models[mi]);
         if (!m) continue;
         const vlm_model_config *c = vlm_model_cfg(m);
         vlm_engine_stats s[3];
@@ -253,7 +213,7 @@ static void test_tp_memory_plan(void) {
 static void test_tp_refusals(void) {
     char err[512];
     vlm_engine *e = NULL;
-    vlm_model *m = load_model("tiny-bf16-untied"); /* 6 heads, 2 KV heads, ffn 160 */
+    vlm_model *m = fixture_model_load("tiny-bf16-untied"); /* 6 heads, 2 KV heads, ffn 160 */
     if (m) {
         vlm_engine_opts eo = {.threads = 2, .tp = 4};
         CHECK_EQ_INT(vlm_engine_create(m, &eo, &e, err, sizeof err), VLM_E_UNSUPPORTED);
@@ -261,7 +221,7 @@ static void test_tp_refusals(void) {
         CHECK(e == NULL);
         vlm_model_free(m);
     }
-    m = load_model("tiny-f32-tied"); /* 4 heads, 2 KV heads */
+    m = fixture_model_load("tiny-f32-tied"); /* 4 heads, 2 KV heads */
     if (!m) return;
     vlm_engine_opts eo = {.threads = 2, .tp = 3};
     CHECK_EQ_INT(vlm_engine_create(m, &eo, &e, err, sizeof err), VLM_E_UNSUPPORTED);

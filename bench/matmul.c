@@ -3,7 +3,8 @@
  *   2. vlm_linear GEMV over BF16 weights at n = 1, 4, 16, 64 for the decoder's shapes: GB/s of
  *      weight traffic and the fraction of (1);
  *   3. this machine's f32 FMA peak (AVX-512 or AVX2 FMA loop, all threads), GFLOP/s;
- *   4. crossover n = 8..64: dot-row kernels vs the own blocked GEMM (picks gemm_min_rows);
+ *   4. crossover n = 2..96: dot-row kernels vs the small-n bf16 kernel vs the own blocked GEMM
+ *      (picks smalln_max_rows and gemm_min_rows);
  *   5. prefill/vision shapes at n = 512: GFLOP/s and fraction of peak of the own GEMM and of
  *      OpenBLAS sgemm on converted panels (run once more with OPENBLAS_CORETYPE=SkylakeX to see
  *      OpenBLAS with its best kernel: 0.3.21 misdetects some virtualised Xeons).
@@ -137,7 +138,7 @@ int main(int argc, char **argv) {
     for (int64_t i = 0; i < max_n * max_k; i++) x[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
     float *y = malloc((size_t)max_n * 151936 * sizeof(float));
 
-    printf("\nGEMV bf16 (vlm_linear dot-row kernels, path %s, at every n)\n",
+    printf("\nGEMV bf16 (vlm_linear decode kernels: n = 1 gemv, small-n, dot-rows; path %s)\n",
            vlm_cpu_path_name(vlm_cpu_active_path()));
     printf("%-14s %4s %10s %9s %8s\n", "W [m x k]", "n", "ms", "GB/s", "of bw");
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
@@ -168,23 +169,28 @@ int main(int argc, char **argv) {
     printf("\nf32 FMA peak (%s, %d threads, best of runs): %.1f GFLOP/s\n",
            vlm_cpu_active_path() == VLM_CPU_AVX512 ? "avx512" : "avx2", threads, peak);
 
-    printf("\ncrossover, W 1536x1536 bf16: dot-row kernels vs own GEMM (GFLOP/s)\n");
+    printf("\ncrossover, W 1536x1536 bf16: dot-row kernels vs small-n kernel vs own GEMM (GFLOP/s)\n");
     {
         const int64_t m = 1536, k = 1536;
         uint16_t *wd = malloc((size_t)(m * k) * 2);
         for (int64_t i = 0; i < m * k; i++) wd[i] = (uint16_t)(0x3c00 + (i * 40503u) % 0x300);
         vlm_tensor w = {.dtype = VLM_BF16, .ndim = 2, .shape = {m, k}, .data = wd,
                         .nbytes = (size_t)(m * k) * 2};
-        const int64_t cn[] = {4, 8, 12, 16, 24, 32, 64};
+        const int64_t cn[] = {2, 4, 8, 12, 16, 24, 32, 48, 64, 96};
         for (size_t i = 0; i < sizeof cn / sizeof cn[0]; i++) {
             const double flop = 2.0 * (double)cn[i] * (double)m * (double)k;
-            int64_t old = vlm_cpu_set_gemm_min_rows(0);
-            const double t_dot = time_linear(x, cn[i], k, &w, y, quick ? 0.1 : 0.3, 30);
+            const double mt = quick ? 0.1 : 0.3;
+            const int64_t old = vlm_cpu_set_gemm_min_rows(0), old_small = vlm_cpu_set_smalln_max_rows(0);
+            const double t_dot = time_linear(x, cn[i], k, &w, y, mt, 30);
+            vlm_cpu_set_smalln_max_rows(1 << 20);
+            const double t_small = time_linear(x, cn[i], k, &w, y, mt, 30);
+            vlm_cpu_set_smalln_max_rows(0);
             vlm_cpu_set_gemm_min_rows(1);
-            const double t_gemm = time_linear(x, cn[i], k, &w, y, quick ? 0.1 : 0.3, 30);
+            const double t_gemm = time_linear(x, cn[i], k, &w, y, mt, 30);
             vlm_cpu_set_gemm_min_rows(old);
-            printf("  n=%3lld  dot-rows %7.1f   gemm %7.1f\n", (long long)cn[i], flop / t_dot / 1e9,
-                   flop / t_gemm / 1e9);
+            vlm_cpu_set_smalln_max_rows(old_small);
+            printf("  n=%3lld  dot-rows %7.1f   small-n %7.1f   gemm %7.1f\n", (long long)cn[i],
+                   flop / t_dot / 1e9, flop / t_small / 1e9, flop / t_gemm / 1e9);
         }
         free(wd);
     }

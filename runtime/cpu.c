@@ -45,6 +45,9 @@ static int s_threads = 1;
  * it at most 4x. bench/matmul on the dev machine, 1 thread, W 1536x1536 bf16, GFLOP/s dot/GEMM:
  * n=4 46/19, n=8 31/37, n=12 31/54, n=64 30/113 (docs/cpu-kernels.md). */
 static int64_t s_gemm_min_rows = 8;
+/* Batched decode: 2 <= n <= this with bf16 weights on the AVX-512 path takes the small-n kernel
+ * (cpu_avx512.c: bf16 read in place, 8x2 register tile); bench/matmul's crossover table picks it. */
+static int64_t s_smalln_max_rows = 48;
 /* The own GEMM is the default for every many-row product; OpenBLAS stays selectable
  * (VLMD_GEMM=openblas) for comparison. */
 static bool s_gemm_own = true;
@@ -148,6 +151,12 @@ int vlm_cpu_force_path(const char *name) {
 vlm_cpu_path vlm_cpu_active_path(void) {
     ensure_init();
     return s_path;
+}
+
+int64_t vlm_cpu_set_smalln_max_rows(int64_t rows) {
+    int64_t old = s_smalln_max_rows;
+    s_smalln_max_rows = rows < 0 ? 0 : rows;
+    return old;
 }
 
 int64_t vlm_cpu_set_gemm_min_rows(int64_t rows) {
@@ -325,6 +334,58 @@ static void linear_gemm(const float *x, int64_t n, int64_t k, const vlm_tensor *
     vlm_gemm_parallel(&g, s_path);
 }
 
+/* The small-n path's permuted-x buffer, one per calling thread (engine or TP rank thread), grown as
+ * needed and kept: allocating it per call would page-fault it in on every product. */
+typedef struct {
+    float *p;
+    size_t cap;
+} xp_buf;
+static pthread_key_t s_xp_key;
+static pthread_once_t s_xp_once = PTHREAD_ONCE_INIT;
+static void xp_buf_free(void *v) {
+    xp_buf *b = v;
+    free(b->p);
+    free(b);
+}
+static void xp_key_create(void) { CPU_ASSERT(pthread_key_create(&s_xp_key, xp_buf_free) == 0); }
+static float *thread_xp(size_t bytes) {
+    pthread_once(&s_xp_once, xp_key_create);
+    xp_buf *b = pthread_getspecific(s_xp_key);
+    if (!b) {
+        b = calloc(1, sizeof *b);
+        CPU_ASSERT(b != NULL && pthread_setspecific(s_xp_key, b) == 0);
+    }
+    if (b->cap < bytes) {
+        free(b->p);
+        b->p = aligned_alloc(64, bytes);
+        CPU_ASSERT(b->p != NULL);
+        b->cap = bytes;
+    }
+    return b->p;
+}
+
+/* Small-n path: x is permuted into the kernel's weight order once (each thread a share of its
+ * rows), then each thread streams a contiguous block of weight-row pairs exactly once. */
+static void linear_smalln(const float *x, int64_t n, int64_t k, const vlm_tensor *w,
+                          const vlm_tensor *bias, float *y) {
+    const int64_t m = w->shape[0], npad = (n + 7) / 8 * 8, kp = (k + 31) / 32 * 32;
+    float *xp = thread_xp((size_t)(npad * kp) * sizeof(float)); /* a multiple of 1 KiB */
+    const int64_t pairs = (m + 1) / 2;
+#pragma omp parallel
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        vlm_smalln_permute_x(x, n, k, npad * t / T, npad * (t + 1) / T, kp, xp);
+#pragma omp barrier
+        const int64_t j0 = pairs * t / T * 2, j1e = pairs * (t + 1) / T * 2, j1 = j1e < m ? j1e : m;
+        if (j0 < j1) {
+            vlm_linear_smalln_avx512(xp, n, npad, kp, k, (const uint16_t *)w->data, j0, j1, y, m);
+            if (bias)
+                for (int64_t i = 0; i < n; i++)
+                    for (int64_t j = j0; j < j1; j++) y[i * m + j] += elem_at(bias->data, bias->dtype, j);
+        }
+    }
+}
+
 void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const vlm_tensor *bias,
                 float *y) {
     ensure_init();
@@ -336,6 +397,8 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
         CPU_ASSERT(bias->ndim == 1 && bias->shape[0] == m);
     }
     if (n == 0 || m == 0) return;
+    if (n >= 2 && n <= s_smalln_max_rows && k > 0 && w->dtype == VLM_BF16 && s_path == VLM_CPU_AVX512)
+        return linear_smalln(x, n, k, w, bias, y);
     if (s_gemm_min_rows > 0 && n >= s_gemm_min_rows && k > 0) {
         linear_gemm(x, n, k, w, y);
         if (bias) { /* bias decoded to f32 once, then a vectorisable add per row */

@@ -131,11 +131,11 @@ void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const floa
     const int group = H / Hkv;
 #pragma omp parallel
     {
-        float *scratch = malloc(vlm_gemm_scratch_bytes());
+        float *scratch = vlm_gemm_thread_scratch();
         float *S = malloc((size_t)ATT_BQ * ATT_BK * sizeof(float));
         float *O = malloc((size_t)ATT_BQ * (size_t)D * sizeof(float));
         float *mrow = malloc(ATT_BQ * sizeof(float)), *lrow = malloc(ATT_BQ * sizeof(float));
-        ATT_ASSERT(scratch && S && O && mrow && lrow);
+        ATT_ASSERT(S && O && mrow && lrow);
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
             const int h = (int)(task / qblocks), hk = h / group;
@@ -175,6 +175,6 @@ void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const floa
                 for (int d = 0; d < D; d++) o[d] = O[i * D + d] * inv;
             }
         }
-        free(scratch), free(S), free(O), free(mrow), free(lrow);
+        free(S), free(O), free(mrow), free(lrow);
     }
 }

@@ -156,3 +156,103 @@ vlm_gemv_avx512(const float *x, int64_t k, const void *w, size_t ldw_bytes, int6
         break;
     }
 }
+
+/* ---- small-n BF16 linear (batched decode: n = 2..~48 rows) ----
+ * The dot-row kernel reuses each weight at most 4x from registers and the blocked GEMM repacks the
+ * bf16 weights to f32 on every call (gathers: ~1 load per weight), which at n = 16 costs as much
+ * as the multiply. This kernel reads the bf16 rows in place. A 512-bit load of 32 bf16 weights is
+ * widened with one unpack per 16 (unpacklo/hi_epi16 against zero puts each weight in the high half
+ * of a 32-bit lane, which is its f32 value), which leaves the weights in the order
+ * [w0..w3, w8..w11, w16..w19, w24..w27 | w4..w7, w12..w15, ...]; x is permuted once per call into
+ * the same order (vlm_smalln_permute_x), so no per-weight shuffle is needed. Register tile: 2
+ * weight rows x 8 x rows = 16 f32 accumulators; per 32 weights 2 loads + 4 unpacks feed 32 FMAs.
+ * k is cut into SMALLN_KC chunks so the x chunk (npad x KC floats, 32 KiB at n = 16) stays in L1
+ * while every weight row streams through once; the 16 partial sums of a tile are reduced together
+ * (reduce16) and added into y. Rows past n are zero padding (computed, never stored). */
+#define SMALLN_R 8
+#define SMALLN_KC 512
+
+void vlm_smalln_permute_x(const float *x, int64_t n, int64_t k, int64_t i0, int64_t i1, int64_t kp,
+                          float *xp) {
+    for (int64_t i = i0; i < i1; i++) {
+        float *d = xp + i * kp;
+        for (int64_t b = 0; b < kp; b += 32)
+            for (int L = 0; L < 4; L++)
+                for (int q = 0; q < 4; q++) {
+                    const int64_t lo = b + 8 * L + q, hi = lo + 4;
+                    d[b + 4 * L + q] = i < n && lo < k ? x[i * k + lo] : 0.0f;
+                    d[b + 16 + 4 * L + q] = i < n && hi < k ? x[i * k + hi] : 0.0f;
+                }
+    }
+}
+
+/* Lane i of the result = the sum of the 16 lanes of v[i]: pairwise interleave-and-add within
+ * 128-bit lanes, then across them (45 shuffles/adds instead of 16 full reductions' ~130). */
+T512 __m512 reduce16(const __m512 *v) {
+    __m512 s2[8], s4[4];
+    for (int p = 0; p < 8; p++)
+        s2[p] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]),
+                              _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]));
+    for (int p = 0; p < 4; p++)
+        s4[p] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * p], s2[2 * p + 1], 0x44),
+                              _mm512_shuffle_ps(s2[2 * p], s2[2 * p + 1], 0xEE));
+    /* s4[g], 128-bit lane L: the lane-L partial sums of v[4g..4g+3] */
+    const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(s4[0], s4[1], 0x44), _mm512_shuffle_f32x4(s4[0], s4[1], 0xEE));
+    const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(s4[2], s4[3], 0x44), _mm512_shuffle_f32x4(s4[2], s4[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
+}
+
+/* acc[r * 8 + i] += xp rows i < 8 (row stride kp) . weight rows w0, w1 over [t0, t1); weights past
+ * k read as zero (masked), xp is zero there too. pf0/pf1: rows to prefetch (the next tile's). */
+T512 void smalln_tile(const float *xp, int64_t kp, const uint16_t *w0, const uint16_t *w1, int64_t k,
+                      int64_t t0, int64_t t1, const uint16_t *pf0, const uint16_t *pf1, __m512 *acc) {
+    const __m512i z = _mm512_setzero_si512();
+    for (int a = 0; a < 2 * SMALLN_R; a++) acc[a] = _mm512_setzero_ps();
+    for (int64_t t = t0; t < t1; t += 32) {
+        __m512i v0, v1;
+        if (t + 32 <= k) {
+            v0 = _mm512_loadu_si512(w0 + t), v1 = _mm512_loadu_si512(w1 + t);
+        } else {
+            const __mmask32 m = (__mmask32)((1ull << (k - t)) - 1);
+            v0 = _mm512_maskz_loadu_epi16(m, w0 + t), v1 = _mm512_maskz_loadu_epi16(m, w1 + t);
+        }
+        _mm_prefetch((const char *)(pf0 + t), _MM_HINT_T0);
+        _mm_prefetch((const char *)(pf1 + t), _MM_HINT_T0);
+        const __m512 a0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v0));
+        const __m512 b0 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v0));
+        const __m512 a1 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v1));
+        const __m512 b1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v1));
+#pragma GCC unroll 8
+        for (int i = 0; i < SMALLN_R; i++) {
+            const __m512 xl = _mm512_load_ps(xp + i * kp + t), xh = _mm512_load_ps(xp + i * kp + t + 16);
+            acc[i] = _mm512_fmadd_ps(xh, b0, _mm512_fmadd_ps(xl, a0, acc[i]));
+            acc[SMALLN_R + i] = _mm512_fmadd_ps(xh, b1, _mm512_fmadd_ps(xl, a1, acc[SMALLN_R + i]));
+        }
+    }
+}
+
+__attribute__((target("avx512f,avx512bw"))) void
+vlm_linear_smalln_avx512(const float *xp, int64_t n, int64_t npad, int64_t kp, int64_t k,
+                         const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy) {
+    for (int64_t tc = 0; tc < k; tc += SMALLN_KC) {
+        const int64_t te = tc + SMALLN_KC < kp ? tc + SMALLN_KC : kp;
+        for (int64_t j = j0; j < j1; j += 2) {
+            const bool pair = j + 1 < j1;
+            const uint16_t *w0 = w + j * k, *w1 = pair ? w0 + k : w0;
+            const int64_t jn = j + 2 < j1 ? j + 2 : j; /* prefetch the next pair's chunk */
+            const uint16_t *p0 = w + jn * k, *p1 = jn + 1 < j1 ? p0 + k : p0;
+            for (int64_t g = 0; g < npad; g += SMALLN_R) {
+                __m512 acc[2 * SMALLN_R];
+                smalln_tile(xp + g * kp, kp, w0, w1, k, tc, te, p0, p1, acc);
+                float s[16];
+                _mm512_storeu_ps(s, reduce16(acc));
+                const int64_t rows = n - g < SMALLN_R ? n - g : SMALLN_R;
+                for (int64_t i = 0; i < rows; i++) {
+                    float *yi = y + (g + i) * ldy + j;
+                    yi[0] = tc ? yi[0] + s[i] : s[i];
+                    if (pair) yi[1] = tc ? yi[1] + s[SMALLN_R + i] : s[SMALLN_R + i];
+                }
+            }
+        }
+    }
+}

@@ -30,6 +30,19 @@ void vlm_dot_rows_avx512(const float *x, int64_t ldx, int nx, int64_t k, const v
 void vlm_gemv_avx512(const float *x, int64_t k, const void *w, size_t ldw_bytes, int64_t rows,
                      vlm_dtype dt, float *out);
 
+/* Small-n BF16 linear (AVX-512 F+BW, cpu_avx512.c), for batched decode. x [n, k] is first permuted
+ * into xp [npad, kp] (npad = n rounded up to 8, kp = k rounded up to 32, zero padded, 64-byte
+ * aligned) by vlm_smalln_permute_x for rows [i0, i1); then vlm_linear_smalln_avx512 writes
+ * y[i * ldy + j] = dot(x row i, W row j) for i < n and j0 <= j < j1, W = bf16 [m, k] rows. */
+void vlm_smalln_permute_x(const float *x, int64_t n, int64_t k, int64_t i0, int64_t i1, int64_t kp,
+                          float *xp);
+void vlm_linear_smalln_avx512(const float *xp, int64_t n, int64_t npad, int64_t kp, int64_t k,
+                              const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy);
+
+/* Largest n for which vlm_linear takes the small-n kernel (bf16 weights on the AVX-512 path); 0
+ * disables it (tests use this to cover the other paths). Returns the previous value. */
+int64_t vlm_cpu_set_smalln_max_rows(int64_t rows);
+
 /* Converts n weight elements of dtype dt to f32 (used by the GEMM path for large n). */
 void vlm_cpu_convert_row(const void *w, vlm_dtype dt, int64_t n, float *out);
 
@@ -68,6 +81,8 @@ typedef struct {
  * the caller owns (reused across calls), or NULL to allocate one for this call. */
 void vlm_gemm_serial(const vlm_gemm_args *g, vlm_cpu_path path, float *scratch);
 size_t vlm_gemm_scratch_bytes(void);
+/* The calling thread's own scratch of that size (allocated once per thread, freed at its exit). */
+float *vlm_gemm_thread_scratch(void);
 /* Split statically over the OpenMP threads (one output slab each); runs serially when called
  * inside a parallel region. */
 void vlm_gemm_parallel(const vlm_gemm_args *g, vlm_cpu_path path);

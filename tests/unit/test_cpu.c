@@ -125,6 +125,7 @@ static double linear_cases(const char *label) {
 
 static void test_linear_every_path(void) {
     const int64_t old = vlm_cpu_set_gemm_min_rows(0); /* dot-row kernels for every n */
+    const int64_t old_small = vlm_cpu_set_smalln_max_rows(0);
     int covered = 0;
     for (int p = 0; p < VLM_CPU_PATH_COUNT; p++) {
         const char *name = vlm_cpu_path_name((vlm_cpu_path)p);
@@ -142,11 +143,26 @@ static void test_linear_every_path(void) {
     CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
     CHECK(vlm_cpu_force_path("no-such-path") == -1);
     vlm_cpu_set_gemm_min_rows(old);
+    vlm_cpu_set_smalln_max_rows(old_small);
+}
+
+/* The small-n bf16 kernel (AVX-512) at every n of the table (odd m, k not a multiple of 32, k < 32,
+ * n not a multiple of its 8-row tile, bias). */
+static void test_linear_smalln_path(void) {
+    if (vlm_cpu_force_path("avx512") != 0) {
+        fprintf(stderr, "  smalln: no AVX-512 on this CPU, skipped\n");
+        return;
+    }
+    const int64_t old = vlm_cpu_set_smalln_max_rows(1 << 20);
+    linear_cases("smalln-avx512");
+    vlm_cpu_set_smalln_max_rows(old);
+    CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
 }
 
 /* The blocked GEMM (cpu_gemm.c) with every micro-kernel this CPU runs, then OpenBLAS. */
 static void test_linear_gemm_path(void) {
     const int64_t old = vlm_cpu_set_gemm_min_rows(1); /* every n through the GEMM */
+    const int64_t old_small = vlm_cpu_set_smalln_max_rows(0);
     CHECK_EQ_INT(vlm_cpu_set_gemm_backend("own"), 0);
     for (int p = 0; p < VLM_CPU_PATH_COUNT; p++) {
         char label[64];
@@ -168,6 +184,7 @@ static void test_linear_gemm_path(void) {
 #endif
     CHECK(vlm_cpu_set_gemm_backend("nope") == -1);
     vlm_cpu_set_gemm_min_rows(old);
+    vlm_cpu_set_smalln_max_rows(old_small);
 }
 
 static void gemm_f32_cases(void) {
@@ -319,6 +336,7 @@ int main(void) {
     RUN(test_describe_threads);
     RUN(test_linear_every_path);
     RUN(test_linear_gemm_path);
+    RUN(test_linear_smalln_path);
     RUN(test_gemm_f32);
     RUN(test_gemm_serial_in_parallel);
     RUN(test_attention);

@@ -6,6 +6,7 @@
  * with the OpenMP team size its rank thread set (engine.c: threads / N per rank), so N ranks never
  * oversubscribe the cores with nested teams. */
 #include "runtime/backend.h"
+#include "runtime/cpu_internal.h"
 #include "runtime/rt_internal.h"
 
 #include <math.h>
@@ -241,41 +242,36 @@ static void chunk_attention(const vlm_kv_pool *kv, int l, const vlm_attn_seq *s,
     free(S);
 }
 
-/* Decode rows take a per-(sequence, head) loop; prefill chunks use matrix products per head. */
+/* Decode rows: one task per (sequence, KV head), the query heads of its GQA group together
+ * (vlm_attention_decode_f32 reads each K/V row once for all of them); prefill chunks use matrix
+ * products per head. */
 static void cpu_attention(vlm_backend *b, vlm_kv_pool *kv, int l, const vlm_attn_seq *seqs, int n_seqs, int64_t nh,
                           int64_t nkv, int64_t hd, float scale, const float *q, float *out) {
     (void)b;
     int64_t Q = nh * hd, grp = nh / nkv;
     VLM_ASSERT(nkv * hd == kv->kvd && nh % nkv == 0);
-#pragma omp parallel for schedule(dynamic, 1) collapse(2)
+    int64_t max_keys = 0;
     for (int si = 0; si < n_seqs; si++)
-        for (int64_t h = 0; h < nh; h++) {
-            const vlm_attn_seq *s = &seqs[si];
-            if (s->n > 1) continue;
-            int64_t r = s->row0, n = s->start + 1, kh = h / grp;
-            const float *qh = q + r * Q + h * hd;
-            float *sc_buf = malloc((size_t)n * sizeof(float));
-            VLM_ASSERT(sc_buf);
-            float mx = -INFINITY;
-            for (int64_t t = 0; t < n; t++) {
-                const float *kk = kv_tok(kv, kv->k, l, s, t) + kh * hd;
-                float d = 0;
-                for (int64_t j = 0; j < hd; j++) d += qh[j] * kk[j];
-                sc_buf[t] = d * scale;
-                if (sc_buf[t] > mx) mx = sc_buf[t];
-            }
-            float sum = 0;
-            for (int64_t t = 0; t < n; t++) { sc_buf[t] = expf(sc_buf[t] - mx); sum += sc_buf[t]; }
-            float inv = 1.0f / sum;
-            float *o = out + r * Q + h * hd;
-            for (int64_t j = 0; j < hd; j++) o[j] = 0;
-            for (int64_t t = 0; t < n; t++) {
-                const float *vv = kv_tok(kv, kv->v, l, s, t) + kh * hd;
-                float p = sc_buf[t] * inv;
-                for (int64_t j = 0; j < hd; j++) o[j] += p * vv[j];
-            }
-            free(sc_buf);
+        if (seqs[si].n == 1 && seqs[si].start + 1 > max_keys) max_keys = seqs[si].start + 1;
+    if (max_keys > 0) {
+        const float *k0 = kv_slot(kv, kv->k, l, 0), *v0 = kv_slot(kv, kv->v, l, 0);
+#pragma omp parallel
+        {
+            float *sbuf = malloc((size_t)(grp * max_keys) * sizeof(float));
+            VLM_ASSERT(sbuf);
+#pragma omp for schedule(dynamic, 1) collapse(2)
+            for (int si = 0; si < n_seqs; si++)
+                for (int64_t kh = 0; kh < nkv; kh++) {
+                    const vlm_attn_seq *s = &seqs[si];
+                    if (s->n != 1) continue;
+                    const int64_t r = s->row0;
+                    vlm_attention_decode_f32(s->start + 1, (int)grp, (int)hd, q + r * Q + kh * grp * hd,
+                                             k0 + kh * hd, v0 + kh * hd, kv->kvd, s->pages, kv->pt, scale, sbuf,
+                                             out + r * Q + kh * grp * hd);
+                }
+            free(sbuf);
         }
+    }
     for (int si = 0; si < n_seqs; si++)
         if (seqs[si].n > 1)
             chunk_attention(kv, l, &seqs[si], nh, nkv, hd, q + seqs[si].row0 * Q, out + seqs[si].row0 * Q, scale);

@@ -178,3 +178,91 @@ void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const floa
         free(S), free(O), free(mrow), free(lrow);
     }
 }
+
+/* ---- decode attention: one query row per sequence, keys in the paged KV pool ----
+ * The G query heads that share a KV head are done together, so each K and V row is read once per
+ * step for all of them (G = 6 on Qwen2-VL-2B). Two passes over the keys: scores (q . k per key,
+ * D-wide FMAs and one horizontal sum), a softmax per head, then out += p * v rows. On AVX-512 the
+ * dot products, exp and the P.V accumulation are 16-wide; elsewhere the same loops in C (where
+ * the compiler keeps the sums in order). */
+static void decode_scores_scalar(int64_t nk, int G, int D, const float *q, const float *kpool,
+                                 int64_t ld, const int32_t *pages, int64_t pt, float *s) {
+    for (int64_t t = 0; t < nk; t++) {
+        const float *kr = kpool + ((int64_t)pages[t / pt] * pt + t % pt) * ld;
+        for (int g = 0; g < G; g++) {
+            float d = 0.0f;
+            for (int j = 0; j < D; j++) d += q[g * D + j] * kr[j];
+            s[g * nk + t] = d;
+        }
+    }
+}
+
+static void decode_pv_scalar(int64_t nk, int G, int D, const float *p, const float *vpool,
+                             int64_t ld, const int32_t *pages, int64_t pt, float *out) {
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < D; j++) out[g * D + j] = 0.0f;
+    for (int64_t t = 0; t < nk; t++) {
+        const float *vr = vpool + ((int64_t)pages[t / pt] * pt + t % pt) * ld;
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < D; j++) out[g * D + j] += p[g * nk + t] * vr[j];
+    }
+}
+
+__attribute__((target("avx512f"))) static void decode_scores_avx512(int64_t nk, int G, int D,
+                                                                    const float *q, const float *kpool,
+                                                                    int64_t ld, const int32_t *pages,
+                                                                    int64_t pt, float *s) {
+    const __mmask16 tail = (__mmask16)((1u << (D % 16)) - 1);
+    for (int64_t t = 0; t < nk; t++) {
+        const float *kr = kpool + ((int64_t)pages[t / pt] * pt + t % pt) * ld;
+        for (int g = 0; g < G; g++) {
+            const float *qg = q + g * D;
+            __m512 acc = _mm512_setzero_ps();
+            int j = 0;
+            for (; j + 16 <= D; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + j), _mm512_loadu_ps(kr + j), acc);
+            if (tail)
+                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, qg + j), _mm512_maskz_loadu_ps(tail, kr + j), acc);
+            s[g * nk + t] = _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+
+__attribute__((target("avx512f"))) static void decode_pv_avx512(int64_t nk, int G, int D, const float *p,
+                                                                const float *vpool, int64_t ld,
+                                                                const int32_t *pages, int64_t pt, float *out) {
+    for (int j = 0; j < D; j += 16) {
+        const __mmask16 m = D - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - j)) - 1);
+        for (int g0 = 0; g0 < G; g0 += 8) { /* 8 heads' accumulators in registers at a time */
+            const int gn = G - g0 < 8 ? G - g0 : 8;
+            __m512 acc[8];
+            for (int g = 0; g < 8; g++) acc[g] = _mm512_setzero_ps();
+            for (int64_t t = 0; t < nk; t++) {
+                const __m512 vv = _mm512_maskz_loadu_ps(m, vpool + ((int64_t)pages[t / pt] * pt + t % pt) * ld + j);
+                for (int g = 0; g < gn; g++)
+                    acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[(g0 + g) * nk + t]), vv, acc[g]);
+            }
+            for (int g = 0; g < gn; g++) _mm512_mask_storeu_ps(out + (g0 + g) * D + j, m, acc[g]);
+        }
+    }
+}
+
+void vlm_attention_decode_f32(int64_t nk, int G, int D, const float *q, const float *kpool,
+                              const float *vpool, int64_t ld, const int32_t *pages, int64_t pt,
+                              float scale, float *sbuf, float *out) {
+    ATT_ASSERT(nk > 0 && G > 0 && D > 0 && pt > 0);
+    const bool avx512 = vlm_cpu_active_path() == VLM_CPU_AVX512;
+    if (avx512) decode_scores_avx512(nk, G, D, q, kpool, ld, pages, pt, sbuf);
+    else decode_scores_scalar(nk, G, D, q, kpool, ld, pages, pt, sbuf);
+    float inv[64 * 4];
+    ATT_ASSERT(G <= (int)(sizeof inv / sizeof inv[0]));
+    for (int g = 0; g < G; g++) {
+        float m = -INFINITY, l = 0.0f;
+        if (avx512) softmax_row_avx512(sbuf + g * nk, nk, scale, &m, &l);
+        else softmax_row_scalar(sbuf + g * nk, nk, scale, &m, &l);
+        inv[g] = l > 0.0f ? 1.0f / l : 0.0f;
+    }
+    if (avx512) decode_pv_avx512(nk, G, D, sbuf, vpool, ld, pages, pt, out);
+    else decode_pv_scalar(nk, G, D, sbuf, vpool, ld, pages, pt, out);
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < D; j++) out[g * D + j] *= inv[g];
+}

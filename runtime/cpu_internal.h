@@ -98,6 +98,14 @@ void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const floa
                        const float *k, int64_t ldk, const float *v, int64_t ldv, float scale,
                        int64_t causal_offset, float *out, int64_t ldo);
 
+/* Decode attention (cpu_attn.c) for one sequence's single query row and one KV head: the G query
+ * heads q[g * D ..] sharing it attend over nk keys; key/value t is at kpool/vpool + (pages[t / pt] *
+ * pt + t % pt) * ld (the caller points kpool/vpool at the layer and KV head). sbuf holds G * nk
+ * floats; out[g * D + d] gets head g's output (G <= 256). */
+void vlm_attention_decode_f32(int64_t nk, int G, int D, const float *q, const float *kpool,
+                              const float *vpool, int64_t ld, const int32_t *pages, int64_t pt,
+                              float scale, float *sbuf, float *out);
+
 /* Which library does the many-row products (vlm_linear at n >= gemm_min_rows, vlm_gemm_f32):
  * "own" (cpu_gemm.c) or "openblas" (only when built with it). Returns 0, or -1 when unknown or
  * not built. Env VLMD_GEMM does the same at init. */

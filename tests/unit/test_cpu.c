@@ -319,6 +319,59 @@ static void test_attention(void) {
     attn_case(3, 259, 1, 1, 33, 256);    /* decode-like: few queries, odd head_dim */
 }
 
+/* Decode attention over a shuffled page table (keys of one sequence scattered over the pool),
+ * GQA groups of 1, 6 and 7 heads, head dims that are and are not multiples of 16, on every path. */
+static void decode_attn_case(int64_t nk, int G, int D, int64_t pt) {
+    const int Hkv = 2, kvd = Hkv * D;
+    const int64_t npages = (nk + pt - 1) / pt + 3, slots = npages * pt;
+    int32_t *pages = malloc((size_t)npages * sizeof *pages);
+    for (int64_t i = 0; i < npages; i++) pages[i] = (int32_t)((i * 5 + 2) % npages); /* scattered (may repeat: the reference reads the same table) */
+    float *kp = malloc((size_t)(slots * kvd) * 4), *vp = malloc((size_t)(slots * kvd) * 4);
+    for (int64_t i = 0; i < slots * kvd; i++) kp[i] = rnd_unit(), vp[i] = rnd_unit();
+    float *q = malloc((size_t)(G * D) * 4), *out = malloc((size_t)(G * D) * 4);
+    float *sbuf = malloc((size_t)(G * nk) * 4);
+    for (int i = 0; i < G * D; i++) q[i] = 2.0f * rnd_unit();
+    const float scale = 1.0f / sqrtf((float)D);
+    for (int p = 0; p < VLM_CPU_PATH_COUNT; p++) {
+        if (vlm_cpu_force_path(vlm_cpu_path_name((vlm_cpu_path)p)) != 0) continue;
+        for (int kh = 0; kh < Hkv; kh++) {
+            vlm_attention_decode_f32(nk, G, D, q, kp + kh * D, vp + kh * D, kvd, pages, pt, scale, sbuf, out);
+            double worst = 0;
+            for (int g = 0; g < G; g++) {
+                double *sc = malloc((size_t)nk * sizeof(double)), mx = -1e300, sum = 0;
+                for (int64_t t = 0; t < nk; t++) {
+                    const float *kr = kp + ((int64_t)pages[t / pt] * pt + t % pt) * kvd + kh * D;
+                    double d = 0;
+                    for (int j = 0; j < D; j++) d += (double)q[g * D + j] * kr[j];
+                    sc[t] = d * scale;
+                    if (sc[t] > mx) mx = sc[t];
+                }
+                for (int64_t t = 0; t < nk; t++) sum += (sc[t] = exp(sc[t] - mx));
+                for (int j = 0; j < D; j++) {
+                    double o = 0;
+                    for (int64_t t = 0; t < nk; t++)
+                        o += sc[t] / sum * vp[((int64_t)pages[t / pt] * pt + t % pt) * kvd + kh * D + j];
+                    const double err = fabs(o - out[g * D + j]);
+                    if (err > worst) worst = err;
+                }
+                free(sc);
+            }
+            CHECKF(worst < 2e-5, "decode attention path %s nk=%lld G=%d D=%d kh=%d: max err %.3g",
+                   vlm_cpu_path_name((vlm_cpu_path)p), (long long)nk, G, D, kh, worst);
+        }
+    }
+    CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
+    free(pages), free(kp), free(vp), free(q), free(out), free(sbuf);
+}
+
+static void test_attention_decode(void) {
+    decode_attn_case(1, 1, 16, 16);
+    decode_attn_case(5, 6, 128, 16);
+    decode_attn_case(100, 7, 80, 16);
+    decode_attn_case(300, 6, 33, 32);
+    decode_attn_case(47, 9, 64, 8); /* > 8 heads: two register groups in P.V */
+}
+
 static void test_describe_threads(void) {
     vlm_cpu_init(2);
     CHECK_EQ_INT(vlm_cpu_threads(), 2);
@@ -340,5 +393,6 @@ int main(void) {
     RUN(test_gemm_f32);
     RUN(test_gemm_serial_in_parallel);
     RUN(test_attention);
+    RUN(test_attention_decode);
     TEST_MAIN_END("cpu");
 }

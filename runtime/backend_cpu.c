@@ -207,39 +207,21 @@ static void cpu_kv_write(vlm_backend *b, vlm_kv_pool *kv, int layer, const int64
 }
 
 /* Attention of a prefill chunk: rows s->start.. of sequence s over its tokens 0..start+n-1.
- * q, out: rows of stride nh*hd. Per KV head the context is gathered from the pages into contiguous
- * K/V, then per query head S = Q·Kᵀ (scaled, causal mask, f32 softmax) and O = S·V. */
+ * q, out: rows of stride nh*hd. The context's K and V rows are gathered from the pages into
+ * contiguous [T, kvd] buffers, then the blocked causal attention (cpu_attn.c: online softmax,
+ * threads over (head, query block)) runs on them. */
 static void chunk_attention(const vlm_kv_pool *kv, int l, const vlm_attn_seq *s, int64_t nh, int64_t nkv, int64_t hd,
                             const float *q, float *out, float scale) {
-    int64_t s0 = s->start, n = s->n, Q = nh * hd, T = s0 + n, grp = nh / nkv;
-    float *kc = malloc((size_t)(T * hd) * sizeof(float)), *vc = malloc((size_t)(T * hd) * sizeof(float));
-    float *S = malloc((size_t)(n * T) * sizeof(float));
-    VLM_ASSERT(kc && vc && S);
-    for (int64_t kh = 0; kh < nkv; kh++) {
-        for (int64_t t = 0; t < T; t++) {
-            memcpy(kc + t * hd, kv_tok(kv, kv->k, l, s, t) + kh * hd, (size_t)hd * sizeof(float));
-            memcpy(vc + t * hd, kv_tok(kv, kv->v, l, s, t) + kh * hd, (size_t)hd * sizeof(float));
-        }
-        for (int64_t h = kh * grp; h < (kh + 1) * grp; h++) {
-            vlm_gemm_f32(n, T, hd, q + h * hd, Q, kc, hd, true, 0.0f, S, T); // S: [n, T]
-#pragma omp parallel for schedule(static)
-            for (int64_t i = 0; i < n; i++) {
-                float *row = S + i * T;
-                int64_t lim = s0 + i + 1; /* causal: keys 0..s0+i */
-                float mx = -INFINITY;
-                for (int64_t t = 0; t < lim; t++) { row[t] *= scale; if (row[t] > mx) mx = row[t]; }
-                float sum = 0;
-                for (int64_t t = 0; t < lim; t++) { row[t] = expf(row[t] - mx); sum += row[t]; }
-                float inv = 1.0f / sum;
-                for (int64_t t = 0; t < lim; t++) row[t] *= inv;
-                for (int64_t t = lim; t < T; t++) row[t] = 0.0f;
-            }
-            vlm_gemm_f32(n, hd, T, S, T, vc, hd, false, 0.0f, out + h * hd, Q); // out: [n, hd] per head
-        }
+    const int64_t s0 = s->start, n = s->n, Q = nh * hd, T = s0 + n, kvd = kv->kvd;
+    float *kc = malloc((size_t)(T * kvd) * sizeof(float)), *vc = malloc((size_t)(T * kvd) * sizeof(float));
+    VLM_ASSERT(kc && vc);
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(kc + t * kvd, kv_tok(kv, kv->k, l, s, t), (size_t)kvd * sizeof(float));
+        memcpy(vc + t * kvd, kv_tok(kv, kv->v, l, s, t), (size_t)kvd * sizeof(float));
     }
+    vlm_attention_f32(n, T, (int)nh, (int)nkv, (int)hd, q, Q, kc, kvd, vc, kvd, scale, s0, out, Q);
     free(kc);
     free(vc);
-    free(S);
 }
 
 /* Decode rows: one task per (sequence, KV head), the query heads of its GQA group together
@@ -279,10 +261,7 @@ static void cpu_attention(vlm_backend *b, vlm_kv_pool *kv, int l, const vlm_attn
 
 static void cpu_swiglu(vlm_backend *b, float *g, const float *u, int64_t n) {
     (void)b;
-    for (int64_t i = 0; i < n; i++) {
-        float z = g[i];
-        g[i] = z / (1.0f + expf(-z)) * u[i];
-    }
+    vlm_swiglu_f32(g, u, n);
 }
 
 static void cpu_add(vlm_backend *b, float *x, const float *a, int64_t n) {

@@ -9,7 +9,7 @@
  * by exp(m_old - m_new)), then O += P V through the same GEMM. Memory per thread is
  * BQ x BK + BQ x D floats plus the GEMM's packing buffer, whatever the sequence length.
  * Tasks are independent, so (head, query block) pairs are split over the OpenMP threads and each
- * GEMM runs on its own thread. exp is vectorised on AVX-512 (relative error ~2 ulp, see exp512). */
+ * GEMM runs on its own thread. exp is vectorised on AVX-512 (relative error ~2 ulp, see vlm_exp512). */
 #include "runtime/cpu_internal.h"
 
 #include <immintrin.h>
@@ -30,26 +30,6 @@ static _Noreturn void attn_invariant_failed(const char *what) {
     do {                                                                                      \
         if (!(c)) attn_invariant_failed(#c);                                                  \
     } while (0)
-
-/* e^x for 16 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 Taylor/minimax polynomial
- * (truncation error r^7/7! < 1.3e-7 relative, ~2 ulp, on that interval), then scaled by 2^n with vscalefps, which
- * also gives 0 for very negative x (x = -inf -> 0, the masked-score case). */
-__attribute__((target("avx512f"))) static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); /* e^-104 underflows to 0 via scalef */
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2 hi */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);   /* ln2 lo */
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* One score row s[0..nk) (already masked to -inf where not allowed): scale, update the running
  * max *m and sum *l, overwrite s with the probabilities exp(scale*s - m_new); returns the factor
@@ -103,12 +83,12 @@ __attribute__((target("avx512f"))) static float softmax_row_avx512(float *s, int
     const __m512 vm = _mm512_set1_ps(m_new);
     __m512 vsum = _mm512_setzero_ps();
     for (j = 0; j + 16 <= nk; j += 16) {
-        const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm));
+        const __m512 p = vlm_exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm));
         _mm512_storeu_ps(s + j, p);
         vsum = _mm512_add_ps(vsum, p);
     }
     if (tail) {
-        const __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), vm));
+        const __m512 p = vlm_exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), vm));
         _mm512_mask_storeu_ps(s + j, tail, p);
         vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(tail, p));
     }

@@ -231,28 +231,43 @@ T512 void smalln_tile(const float *xp, int64_t kp, const uint16_t *w0, const uin
     }
 }
 
+/* One 8-row x 2-column tile over the k chunk [tc, te), added into y (written when tc == 0). */
+T512 void smalln_tile_store(const float *xp, int64_t n, int64_t kp, int64_t k, const uint16_t *w,
+                            int64_t j, int64_t j1, int64_t g, int64_t tc, int64_t te, float *y, int64_t ldy) {
+    const bool pair = j + 1 < j1;
+    const uint16_t *w0 = w + j * k, *w1 = pair ? w0 + k : w0;
+    const int64_t jn = j + 2 < j1 ? j + 2 : j; /* prefetch the next pair's chunk */
+    const uint16_t *p0 = w + jn * k, *p1 = jn + 1 < j1 ? p0 + k : p0;
+    __m512 acc[2 * SMALLN_R];
+    smalln_tile(xp + g * kp, kp, w0, w1, k, tc, te, p0, p1, acc);
+    float s[16];
+    _mm512_storeu_ps(s, reduce16(acc));
+    const int64_t rows = n - g < SMALLN_R ? n - g : SMALLN_R;
+    for (int64_t i = 0; i < rows; i++) {
+        float *yi = y + (g + i) * ldy + j;
+        yi[0] = tc ? yi[0] + s[i] : s[i];
+        if (pair) yi[1] = tc ? yi[1] + s[SMALLN_R + i] : s[SMALLN_R + i];
+    }
+}
+
+/* Loop order: while the x chunk of all rows fits L1 (n <= 16), each weight pair's chunk is used
+ * by every row group right after it arrives (weights read once from memory). For larger n the
+ * row groups go outside, so one group's x chunk stays in L1 and the weight chunks of this thread
+ * are re-read from L2/L3 by the later groups. */
 __attribute__((target("avx512f,avx512bw"))) void
 vlm_linear_smalln_avx512(const float *xp, int64_t n, int64_t npad, int64_t kp, int64_t k,
                          const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy) {
+    const bool x_in_l1 = npad * SMALLN_KC * (int64_t)sizeof(float) <= 32768;
     for (int64_t tc = 0; tc < k; tc += SMALLN_KC) {
         const int64_t te = tc + SMALLN_KC < kp ? tc + SMALLN_KC : kp;
-        for (int64_t j = j0; j < j1; j += 2) {
-            const bool pair = j + 1 < j1;
-            const uint16_t *w0 = w + j * k, *w1 = pair ? w0 + k : w0;
-            const int64_t jn = j + 2 < j1 ? j + 2 : j; /* prefetch the next pair's chunk */
-            const uint16_t *p0 = w + jn * k, *p1 = jn + 1 < j1 ? p0 + k : p0;
-            for (int64_t g = 0; g < npad; g += SMALLN_R) {
-                __m512 acc[2 * SMALLN_R];
-                smalln_tile(xp + g * kp, kp, w0, w1, k, tc, te, p0, p1, acc);
-                float s[16];
-                _mm512_storeu_ps(s, reduce16(acc));
-                const int64_t rows = n - g < SMALLN_R ? n - g : SMALLN_R;
-                for (int64_t i = 0; i < rows; i++) {
-                    float *yi = y + (g + i) * ldy + j;
-                    yi[0] = tc ? yi[0] + s[i] : s[i];
-                    if (pair) yi[1] = tc ? yi[1] + s[SMALLN_R + i] : s[SMALLN_R + i];
-                }
-            }
+        if (x_in_l1) {
+            for (int64_t j = j0; j < j1; j += 2)
+                for (int64_t g = 0; g < npad; g += SMALLN_R)
+                    smalln_tile_store(xp, n, kp, k, w, j, j1, g, tc, te, y, ldy);
+        } else {
+            for (int64_t g = 0; g < npad; g += SMALLN_R)
+                for (int64_t j = j0; j < j1; j += 2)
+                    smalln_tile_store(xp, n, kp, k, w, j, j1, g, tc, te, y, ldy);
         }
     }
 }

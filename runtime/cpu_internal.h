@@ -6,6 +6,8 @@
 
 #include "runtime/runtime.h"
 
+#include <immintrin.h>
+
 /* Kernel paths for vlm_linear, best last. */
 typedef enum { VLM_CPU_SCALAR = 0, VLM_CPU_AVX2, VLM_CPU_AVX512, VLM_CPU_PATH_COUNT } vlm_cpu_path;
 
@@ -111,5 +113,30 @@ void vlm_attention_decode_f32(int64_t nk, int G, int D, const float *q, const fl
  * not built. Env VLMD_GEMM does the same at init. */
 int vlm_cpu_set_gemm_backend(const char *name);
 const char *vlm_cpu_gemm_backend(void);
+
+/* ---- shared AVX-512 helpers ---- */
+/* e^x for 16 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 Taylor/minimax polynomial
+ * (truncation error r^7/7! < 1.3e-7 relative, ~2 ulp, on that interval), then scaled by 2^n with vscalefps, which
+ * also gives 0 for very negative x (x = -inf -> 0, the masked-score case). */
+__attribute__((target("avx512f"))) static inline __m512 vlm_exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); /* e^-104 underflows to 0 via scalef */
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2 hi */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);   /* ln2 lo */
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* g[i] = silu(g[i]) * u[i] (SwiGLU), cpu_vec.c: AVX-512 with vlm_exp512 where the path allows,
+ * threads for large n. */
+void vlm_swiglu_f32(float *g, const float *u, int64_t n);
 
 #endif

@@ -372,6 +372,34 @@ static void test_attention_decode(void) {
     decode_attn_case(47, 9, 64, 8); /* > 8 heads: two register groups in P.V */
 }
 
+/* SwiGLU against a double reference: one thread (small n) and split over threads (large n),
+ * arguments from -100 to 100 (exp over- and underflow at both ends), on every path. */
+static void test_swiglu(void) {
+    const int64_t ns[] = {1, 17, 9000, 100003};
+    for (int p = 0; p < VLM_CPU_PATH_COUNT; p++) {
+        if (vlm_cpu_force_path(vlm_cpu_path_name((vlm_cpu_path)p)) != 0) continue;
+        for (int ni = 0; ni < LEN(ns); ni++) {
+            const int64_t n = ns[ni];
+            float *g = malloc((size_t)n * 4), *u = malloc((size_t)n * 4), *g0 = malloc((size_t)n * 4);
+            for (int64_t i = 0; i < n; i++) {
+                g0[i] = g[i] = (i % 7 == 0 ? 100.0f : 8.0f) * rnd_unit();
+                u[i] = rnd_unit();
+            }
+            vlm_swiglu_f32(g, u, n);
+            double worst = 0;
+            for (int64_t i = 0; i < n; i++) {
+                const double ref = (double)g0[i] / (1.0 + exp(-(double)g0[i])) * u[i];
+                const double rel = fabs(g[i] - ref) / (fabs(ref) + 1e-30);
+                if (rel > worst && fabs(ref) > 1e-30) worst = rel;
+            }
+            CHECKF(worst < 2e-6, "swiglu path %s n=%lld: max relative error %.3g",
+                   vlm_cpu_path_name((vlm_cpu_path)p), (long long)n, worst);
+            free(g), free(u), free(g0);
+        }
+    }
+    CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
+}
+
 static void test_describe_threads(void) {
     vlm_cpu_init(2);
     CHECK_EQ_INT(vlm_cpu_threads(), 2);
@@ -394,5 +422,6 @@ int main(void) {
     RUN(test_gemm_serial_in_parallel);
     RUN(test_attention);
     RUN(test_attention_decode);
+    RUN(test_swiglu);
     TEST_MAIN_END("cpu");
 }

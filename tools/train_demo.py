@@ -37,7 +37,7 @@ IMAGE_TOKEN = 151655       # <|image_pad|>
 # tower is 3 blocks of width 96 (3 heads, MLP ratio 2) merged 2x2 into 48.
 HIDDEN, LAYERS, FFN, VDEPTH, VMLP, VHEADS = 48, 4, 192, 3, 2, 3
 BATCH = 16
-STEPS = 11000
+STEPS = 11600
 # The training recipe that produced configs/models/vlmd-demo, as it was run. Each row holds from its first
 # step to the next row's: the question mix (kinds cycle through the batch), the learning-rate phase
 # (100 warm-up steps from phase_start, then a cosine from `peak` down to 5% of it at phase_end) and the
@@ -52,6 +52,7 @@ STAGES = [
     (3500,  "colorm,count,color,colorm,shape",    1000,  7000,  1e-3,   0.5),
     (7000,  "colorm,colorm,count,color,shape",    7000,  10000, 5e-4,   0.5),
     (10000, "colorm,count,colorm,color,shape",    10000, 11000, 1.5e-4, 0.5),
+    (11000, "count,colorm,count,color,shape",     11000, 11600, 1e-4,   0.5),
 ]
 EMBED_LR_MULT = 10.0       # the tied embedding's step size relative to the rest (see train())
 WEIGHT_DECAY = 0.05

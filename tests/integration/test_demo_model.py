@@ -63,20 +63,11 @@ def test_default_model_is_demo(server):
     assert any("vlmd-demo" in i for i in ids), ids
 
 
-# Colour questions about pictures with several shapes need the model to bind a colour to the named
-# shape; the committed checkpoint gets 94.0% of them right through the server (docs/demo-model.md), below
-# issue 4's 97%, and 3 of the sample-image ones wrong. Those cases are expected failures (not strict, so
-# a better checkpoint turns them into passes); every other case must pass.
+# Every sample-image question must be answered exactly, including the colour questions about pictures
+# with several shapes (the committed checkpoint binds a colour to the named shape: 97.3% of colour
+# questions right through the server, docs/demo-model.md).
 def _params():
-    with open(os.path.join(DATA, "answers.json")) as f:
-        n_shapes = {m["file"]: len(m["shapes"]) for m in json.load(f)}
-    out = []
-    for c in _cases():
-        binding = c[1].lower().startswith("what color") and n_shapes[c[0]] > 1
-        marks = [pytest.mark.xfail(reason="colour binding below 97% (issue 4, docs/demo-model.md)",
-                                   strict=False)] if binding else []
-        out.append(pytest.param(*c, marks=marks))
-    return out
+    return [pytest.param(*c) for c in _cases()]
 
 
 @pytest.mark.parametrize("name,question,answer,text_first", _params())

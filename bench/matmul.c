@@ -176,7 +176,7 @@ int main(int argc, char **argv) {
         for (int64_t i = 0; i < m * k; i++) wd[i] = (uint16_t)(0x3c00 + (i * 40503u) % 0x300);
         vlm_tensor w = {.dtype = VLM_BF16, .ndim = 2, .shape = {m, k}, .data = wd,
                         .nbytes = (size_t)(m * k) * 2};
-        const int64_t cn[] = {2, 4, 8, 12, 16, 24, 32, 48, 64, 96};
+        const int64_t cn[] = {2, 3, 4, 8, 12, 16, 24, 32, 48, 64, 96};
         for (size_t i = 0; i < sizeof cn / sizeof cn[0]; i++) {
             const double flop = 2.0 * (double)cn[i] * (double)m * (double)k;
             const double mt = quick ? 0.1 : 0.3;

@@ -45,7 +45,7 @@ static int s_threads = 1;
  * it at most 4x. bench/matmul on the dev machine, 1 thread, W 1536x1536 bf16, GFLOP/s dot/GEMM:
  * n=4 46/19, n=8 31/37, n=12 31/54, n=64 30/113 (docs/cpu-kernels.md). */
 static int64_t s_gemm_min_rows = 8;
-/* Batched decode: 2 <= n <= this with bf16 weights on the AVX-512 path takes the small-n kernel
+/* Batched decode: 4 <= n <= this with bf16 weights on the AVX-512 path takes the small-n kernel
  * (cpu_avx512.c: bf16 read in place, 8x2 register tile); bench/matmul's crossover table picks it. */
 static int64_t s_smalln_max_rows = 48;
 /* The own GEMM is the default for every many-row product; OpenBLAS stays selectable
@@ -397,7 +397,7 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
         CPU_ASSERT(bias->ndim == 1 && bias->shape[0] == m);
     }
     if (n == 0 || m == 0) return;
-    if (n >= 2 && n <= s_smalln_max_rows && k > 0 && w->dtype == VLM_BF16 && s_path == VLM_CPU_AVX512)
+    if (n >= 4 && n <= s_smalln_max_rows && k > 0 && w->dtype == VLM_BF16 && s_path == VLM_CPU_AVX512)
         return linear_smalln(x, n, k, w, bias, y);
     if (s_gemm_min_rows > 0 && n >= s_gemm_min_rows && k > 0) {
         linear_gemm(x, n, k, w, y);

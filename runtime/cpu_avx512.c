@@ -164,26 +164,29 @@ vlm_gemv_avx512(const float *x, int64_t k, const void *w, size_t ldw_bytes, int6
  * widened with one unpack per 16 (unpacklo/hi_epi16 against zero puts each weight in the high half
  * of a 32-bit lane, which is its f32 value), which leaves the weights in the order
  * [w0..w3, w8..w11, w16..w19, w24..w27 | w4..w7, w12..w15, ...]; x is permuted once per call into
- * the same order (vlm_smalln_permute_x), so no per-weight shuffle is needed. Register tile: 2
+ * the same order (vlm_smalln_permute_x), so no per-weight shuffle is needed, and laid out as
+ * [group of 8 rows][block of 32 k][row][32], so a tile reads all its x from one pointer that moves
+ * sequentially (with a row stride gcc ran out of registers and spilled). Register tile: 2
  * weight rows x 8 x rows = 16 f32 accumulators; per 32 weights 2 loads + 4 unpacks feed 32 FMAs.
  * k is cut into SMALLN_KC chunks so the x chunk (npad x KC floats, 32 KiB at n = 16) stays in L1
  * while every weight row streams through once; the 16 partial sums of a tile are reduced together
  * (reduce16) and added into y. Rows past n are zero padding (computed, never stored). */
 #define SMALLN_R 8
-#define SMALLN_KC 512
+#define SMALLN_KC 1024
 
 void vlm_smalln_permute_x(const float *x, int64_t n, int64_t k, int64_t i0, int64_t i1, int64_t kp,
                           float *xp) {
-    for (int64_t i = i0; i < i1; i++) {
-        float *d = xp + i * kp;
-        for (int64_t b = 0; b < kp; b += 32)
+    const int64_t nblk = kp / 32;
+    for (int64_t i = i0; i < i1; i++)
+        for (int64_t b = 0; b < nblk; b++) {
+            float *d = xp + ((i / SMALLN_R) * nblk + b) * (32 * SMALLN_R) + (i % SMALLN_R) * 32;
             for (int L = 0; L < 4; L++)
                 for (int q = 0; q < 4; q++) {
-                    const int64_t lo = b + 8 * L + q, hi = lo + 4;
-                    d[b + 4 * L + q] = i < n && lo < k ? x[i * k + lo] : 0.0f;
-                    d[b + 16 + 4 * L + q] = i < n && hi < k ? x[i * k + hi] : 0.0f;
+                    const int64_t lo = b * 32 + 8 * L + q, hi = lo + 4;
+                    d[4 * L + q] = i < n && lo < k ? x[i * k + lo] : 0.0f;
+                    d[16 + 4 * L + q] = i < n && hi < k ? x[i * k + hi] : 0.0f;
                 }
-    }
+        }
 }
 
 /* Lane i of the result = the sum of the 16 lanes of v[i]: pairwise interleave-and-add within
@@ -202,11 +205,11 @@ T512 __m512 reduce16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
 }
 
-/* out[r * 8 + i] = xp rows i < 8 (row stride kp) . weight rows w0, w1 over [t0, t1); weights past
+/* out[r * 8 + i] = the group's x rows i < 8 (xp at the group's block 0) . weight rows w0, w1 over [t0, t1); weights past
  * k read as zero (masked), xp is zero there too. pf0/pf1: rows to prefetch (the next tile's). The
  * accumulators are local and reduced here: passed out through a pointer, gcc kept them in memory
  * and stored all 16 every iteration (store-bound at ~47% of the FMA peak). */
-T512 void smalln_tile(const float *xp, int64_t kp, const uint16_t *w0, const uint16_t *w1, int64_t k,
+T512 void smalln_tile(const float *xp, const uint16_t *w0, const uint16_t *w1, int64_t k,
                       int64_t t0, int64_t t1, const uint16_t *pf0, const uint16_t *pf1, float *out) {
     const __m512i z = _mm512_setzero_si512();
     /* 16 named accumulators: with an array gcc kept them in memory and stored all 16 every
@@ -227,10 +230,10 @@ T512 void smalln_tile(const float *xp, int64_t kp, const uint16_t *w0, const uin
         const __m512 b0 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v0));
         const __m512 a1 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v1));
         const __m512 b1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v1));
-        const float *x = xp + t;
+        const float *x = xp + t * SMALLN_R; /* this block's 8 rows x 32, contiguous */
 #define SMALLN_ROW(i)                                                                             \
     do {                                                                                          \
-        const __m512 xl = _mm512_load_ps(x + (i) * kp), xh = _mm512_load_ps(x + (i) * kp + 16);   \
+        const __m512 xl = _mm512_load_ps(x + (i) * 32), xh = _mm512_load_ps(x + (i) * 32 + 16);   \
         c0##i = _mm512_fmadd_ps(xh, b0, _mm512_fmadd_ps(xl, a0, c0##i));                          \
         c1##i = _mm512_fmadd_ps(xh, b1, _mm512_fmadd_ps(xl, a1, c1##i));                          \
     } while (0)
@@ -251,7 +254,7 @@ T512 void smalln_tile_store(const float *xp, int64_t n, int64_t kp, int64_t k, c
     const int64_t jn = j + 2 < j1 ? j + 2 : j; /* prefetch the next pair's chunk */
     const uint16_t *p0 = w + jn * k, *p1 = jn + 1 < j1 ? p0 + k : p0;
     float s[16];
-    smalln_tile(xp + g * kp, kp, w0, w1, k, tc, te, p0, p1, s);
+    smalln_tile(xp + g * kp, w0, w1, k, tc, te, p0, p1, s); /* group g/8 starts at row g's block 0 */
     const int64_t rows = n - g < SMALLN_R ? n - g : SMALLN_R;
     for (int64_t i = 0; i < rows; i++) {
         float *yi = y + (g + i) * ldy + j;

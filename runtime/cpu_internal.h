@@ -33,8 +33,8 @@ void vlm_gemv_avx512(const float *x, int64_t k, const void *w, size_t ldw_bytes,
                      vlm_dtype dt, float *out);
 
 /* Small-n BF16 linear (AVX-512 F+BW, cpu_avx512.c), for batched decode. x [n, k] is first permuted
- * into xp [npad, kp] (npad = n rounded up to 8, kp = k rounded up to 32, zero padded, 64-byte
- * aligned) by vlm_smalln_permute_x for rows [i0, i1); then vlm_linear_smalln_avx512 writes
+ * into xp (npad x kp floats: npad = n rounded up to 8, kp = k rounded up to 32, zero padded, 64-byte
+ * aligned, in the kernel's [row group][k block][8][32] order) by vlm_smalln_permute_x for rows [i0, i1); then vlm_linear_smalln_avx512 writes
  * y[i * ldy + j] = dot(x row i, W row j) for i < n and j0 <= j < j1, W = bf16 [m, k] rows. */
 void vlm_smalln_permute_x(const float *x, int64_t n, int64_t k, int64_t i0, int64_t i1, int64_t kp,
                           float *xp);

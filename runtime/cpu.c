@@ -222,12 +222,15 @@ const char *vlm_cpu_describe(void) {
         snprintf(gemm, sizeof gemm, "own-%s", vlm_gemm_kernel_name(s_path));
     else
         snprintf(gemm, sizeof gemm, "openblas");
+    char batch[64] = "";
+    const int64_t small_hi = s_smalln_max_rows > 0 && s_path == VLM_CPU_AVX512 ? s_smalln_max_rows : 0;
+    if (small_hi >= 4) snprintf(batch, sizeof batch, " batch(4<=n<=%lld)=smalln-avx512-8x2", (long long)small_hi);
     snprintf(s_desc, sizeof s_desc,
-             "%s; features=%s; linear_bf16=%s decode(n=1)=%s prefill(n>=%lld)=%s gemm_f32=%s; threads=%d",
+             "%s; features=%s; linear_bf16=%s decode(n=1)=%s%s prefill(n>=%lld)=%s gemm_f32=%s; threads=%d",
              s_model, feats[0] ? feats : "none", s_path_names[s_path],
-             s_path == VLM_CPU_AVX512 ? "gemv-avx512" : s_path_names[s_path],
-             (long long)s_gemm_min_rows, s_gemm_min_rows > 0 ? gemm : s_path_names[s_path], gemm,
-             s_threads);
+             s_path == VLM_CPU_AVX512 ? "gemv-avx512" : s_path_names[s_path], batch,
+             (long long)(small_hi >= s_gemm_min_rows ? small_hi + 1 : s_gemm_min_rows),
+             s_gemm_min_rows > 0 ? gemm : s_path_names[s_path], gemm, s_threads);
     return s_desc;
 }
 

@@ -56,6 +56,17 @@ def _place(rng, w, h, sizes):
     return boxes
 
 
+def draw_shape(d, shape, x, y, s, fill):
+    """Draws one filled shape with its s x s bounding box at (x, y) (also used for the training-only
+    label masks in tools/train_demo.py, so labels cover exactly the drawn pixels)."""
+    if shape == "circle":
+        d.ellipse([x, y, x + s - 1, y + s - 1], fill=fill)
+    elif shape == "square":
+        d.rectangle([x, y, x + s - 1, y + s - 1], fill=fill)
+    else:
+        d.polygon([(x + (s - 1) / 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)], fill=fill)
+
+
 def make_image(rng, n_shapes=None, force_shapes=None):
     """Returns (PIL RGB image, list of (shape, color)). force_shapes: optional list of shape names."""
     while True:
@@ -76,12 +87,7 @@ def make_image(rng, n_shapes=None, force_shapes=None):
         shape = force_shapes[i] if force_shapes else rng.choice(SHAPES)
         color = rng.choice(list(COLORS))
         c = COLORS[color]
-        if shape == "circle":
-            d.ellipse([x, y, x + s - 1, y + s - 1], fill=c)
-        elif shape == "square":
-            d.rectangle([x, y, x + s - 1, y + s - 1], fill=c)
-        else:
-            d.polygon([(x + (s - 1) / 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)], fill=c)
+        draw_shape(d, shape, x, y, s, c)
         objs.append((shape, color))
     # Geometry for training-only dense labels (tools/train_demo.py); not drawn from rng, so the
     # sample streams are unchanged.

@@ -183,13 +183,7 @@ def aux_labels(img, thw):
     lab = Image.new("L", img.size, 0)
     d = ImageDraw.Draw(lab)
     for i, (shape, _c, x, y, sz) in enumerate(objs):
-        v = i + 1
-        if shape == "circle":
-            d.ellipse([x, y, x + sz - 1, y + sz - 1], fill=v)
-        elif shape == "square":
-            d.rectangle([x, y, x + sz - 1, y + sz - 1], fill=v)
-        else:
-            d.polygon([(x + (sz - 1) / 2, y), (x, y + sz - 1), (x + sz - 1, y + sz - 1)], fill=v)
+        dd.draw_shape(d, shape, x, y, sz, i + 1)
     # Per token, the fraction of its area each object covers (box filter over the token's pixels); the
     # token is labelled with the object covering most of it when that is >= 10%. Edge tokens, the
     # ones that show the outline and so the shape, get labels too (a centre sample would miss them).

@@ -337,34 +337,39 @@ static void linear_gemm(const float *x, int64_t n, int64_t k, const vlm_tensor *
     vlm_gemm_parallel(&g, s_path);
 }
 
-/* The small-n path's permuted-x buffer, one per calling thread (engine or TP rank thread), grown as
- * needed and kept: allocating it per call would page-fault it in on every product. */
+/* ---- per-thread work buffers ----
+ * Kept and grown across calls, freed when the thread exits (the key's destructor). Allocating them
+ * per call (1-2 MB: the GEMM's packing buffer, the small-n path's permuted x) went back to the
+ * kernel each time and every product page-faulted its buffer in again (clear_page was 7% of a
+ * prefill in perf). */
 typedef struct {
-    float *p;
-    size_t cap;
-} xp_buf;
-static pthread_key_t s_xp_key;
-static pthread_once_t s_xp_once = PTHREAD_ONCE_INIT;
-static void xp_buf_free(void *v) {
-    xp_buf *b = v;
-    free(b->p);
+    void *p[VLM_CPU_BUF_COUNT];
+    size_t cap[VLM_CPU_BUF_COUNT];
+} thread_bufs;
+static pthread_key_t s_buf_key;
+static pthread_once_t s_buf_once = PTHREAD_ONCE_INIT;
+static void thread_bufs_free(void *v) {
+    thread_bufs *b = v;
+    for (int i = 0; i < VLM_CPU_BUF_COUNT; i++) free(b->p[i]);
     free(b);
 }
-static void xp_key_create(void) { CPU_ASSERT(pthread_key_create(&s_xp_key, xp_buf_free) == 0); }
-static float *thread_xp(size_t bytes) {
-    pthread_once(&s_xp_once, xp_key_create);
-    xp_buf *b = pthread_getspecific(s_xp_key);
+static void buf_key_create(void) { CPU_ASSERT(pthread_key_create(&s_buf_key, thread_bufs_free) == 0); }
+
+void *vlm_cpu_thread_buffer(vlm_cpu_buf which, size_t bytes) {
+    CPU_ASSERT(which >= 0 && which < VLM_CPU_BUF_COUNT);
+    pthread_once(&s_buf_once, buf_key_create);
+    thread_bufs *b = pthread_getspecific(s_buf_key);
     if (!b) {
         b = calloc(1, sizeof *b);
-        CPU_ASSERT(b != NULL && pthread_setspecific(s_xp_key, b) == 0);
+        CPU_ASSERT(b != NULL && pthread_setspecific(s_buf_key, b) == 0);
     }
-    if (b->cap < bytes) {
-        free(b->p);
-        b->p = aligned_alloc(64, bytes);
-        CPU_ASSERT(b->p != NULL);
-        b->cap = bytes;
+    if (b->cap[which] < bytes) {
+        free(b->p[which]);
+        b->p[which] = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        CPU_ASSERT(b->p[which] != NULL);
+        b->cap[which] = bytes;
     }
-    return b->p;
+    return b->p[which];
 }
 
 /* Small-n path: x is permuted into the kernel's weight order once (each thread a share of its
@@ -372,7 +377,7 @@ static float *thread_xp(size_t bytes) {
 static void linear_smalln(const float *x, int64_t n, int64_t k, const vlm_tensor *w,
                           const vlm_tensor *bias, float *y) {
     const int64_t m = w->shape[0], npad = (n + 7) / 8 * 8, kp = (k + 31) / 32 * 32;
-    float *xp = thread_xp((size_t)(npad * kp) * sizeof(float)); /* a multiple of 1 KiB */
+    float *xp = vlm_cpu_thread_buffer(VLM_CPU_BUF_SMALLN_X, (size_t)(npad * kp) * sizeof(float));
     const int64_t pairs = (m + 1) / 2;
 #pragma omp parallel
     {

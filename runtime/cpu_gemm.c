@@ -19,7 +19,6 @@
 
 #include <immintrin.h>
 #include <omp.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -289,22 +288,8 @@ size_t vlm_gemm_scratch_bytes(void) {
     return ((size_t)GEMM_KC * GEMM_MC + (size_t)GEMM_KC * (GEMM_NC + GEMM_MAX_NR)) * sizeof(float) + 128;
 }
 
-/* Each thread's packing buffer, allocated on its first product and kept until the thread exits
- * (the key's destructor frees it). A malloc + free of these 1.6 MB per product went back to the
- * kernel every time and every product then page-faulted its buffer in again: clear_page was 7% of a
- * prefill in perf. */
-static pthread_key_t s_scratch_key;
-static pthread_once_t s_scratch_once = PTHREAD_ONCE_INIT;
-static void scratch_key_create(void) { GEMM_ASSERT(pthread_key_create(&s_scratch_key, free) == 0); }
-
 float *vlm_gemm_thread_scratch(void) {
-    pthread_once(&s_scratch_once, scratch_key_create);
-    float *p = pthread_getspecific(s_scratch_key);
-    if (!p) {
-        p = malloc(vlm_gemm_scratch_bytes());
-        GEMM_ASSERT(p != NULL && pthread_setspecific(s_scratch_key, p) == 0);
-    }
-    return p;
+    return vlm_cpu_thread_buffer(VLM_CPU_BUF_GEMM, vlm_gemm_scratch_bytes());
 }
 
 /* The product restricted to rows [i_lo, i_hi) and columns [j_lo, j_hi), on the calling thread. */

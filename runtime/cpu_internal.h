@@ -32,6 +32,11 @@ void vlm_dot_rows_avx512(const float *x, int64_t ldx, int nx, int64_t k, const v
 void vlm_gemv_avx512(const float *x, int64_t k, const void *w, size_t ldw_bytes, int64_t rows,
                      vlm_dtype dt, float *out);
 
+/* The calling thread's work buffer `which`, at least `bytes`, 64-byte aligned; kept (and grown)
+ * across calls and freed when the thread exits (cpu.c). Contents are undefined on return. */
+typedef enum { VLM_CPU_BUF_GEMM = 0, VLM_CPU_BUF_SMALLN_X, VLM_CPU_BUF_COUNT } vlm_cpu_buf;
+void *vlm_cpu_thread_buffer(vlm_cpu_buf which, size_t bytes);
+
 /* Small-n BF16 linear (AVX-512 F+BW, cpu_avx512.c), for batched decode. x [n, k] is first permuted
  * into xp (npad x kp floats: npad = n rounded up to 8, kp = k rounded up to 32, zero padded, 64-byte
  * aligned, in the kernel's [row group][k block][8][32] order) by vlm_smalln_permute_x for rows [i0, i1); then vlm_linear_smalln_avx512 writes
@@ -83,7 +88,7 @@ typedef struct {
  * the caller owns (reused across calls), or NULL to allocate one for this call. */
 void vlm_gemm_serial(const vlm_gemm_args *g, vlm_cpu_path path, float *scratch);
 size_t vlm_gemm_scratch_bytes(void);
-/* The calling thread's own scratch of that size (allocated once per thread, freed at its exit). */
+/* The calling thread's own scratch of that size (vlm_cpu_thread_buffer). */
 float *vlm_gemm_thread_scratch(void);
 /* Split statically over the OpenMP threads (one output slab each); runs serially when called
  * inside a parallel region. */

@@ -10,6 +10,10 @@
  * cost more than the work). */
 #define VEC_PAR_MIN (1 << 16)
 
+static void swiglu_scalar(float *g, const float *u, int64_t n) {
+    for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 __attribute__((target("avx512f"))) static void swiglu_avx512(float *g, const float *u, int64_t n) {
     const __m512 one = _mm512_set1_ps(1.0f);
     int64_t i = 0;
@@ -18,11 +22,7 @@ __attribute__((target("avx512f"))) static void swiglu_avx512(float *g, const flo
         const __m512 e = vlm_exp512(_mm512_sub_ps(_mm512_setzero_ps(), z));
         _mm512_storeu_ps(g + i, _mm512_div_ps(_mm512_mul_ps(z, _mm512_loadu_ps(u + i)), _mm512_add_ps(one, e)));
     }
-    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
-
-static void swiglu_scalar(float *g, const float *u, int64_t n) {
-    for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    swiglu_scalar(g + i, u + i, n - i);
 }
 
 void vlm_swiglu_f32(float *g, const float *u, int64_t n) {

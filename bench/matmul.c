@@ -195,6 +195,14 @@ int main(int argc, char **argv) {
         free(wd);
     }
 
+    /* the AVX512_BF16 GEMM where this CPU runs vdpbf16ps (forced on for the column; the
+     * describe line says whether auto picks it) */
+    const bool bf16_runs = vlm_cpu_set_bf16_dot("on") == 0;
+    const double bf16_gain = bf16_runs ? vlm_bf16_dot_gain() : 0;
+    vlm_cpu_set_bf16_dot("off");
+    if (bf16_runs)
+        printf("\nvdpbf16ps/FMA multiply-add rate on this core: %.2f (auto uses the bf16 GEMM at >= 1.15)\n",
+               bf16_gain);
     const char *ct = getenv("OPENBLAS_CORETYPE");
     printf("\nn=%lld, bf16 weights: GFLOP/s (fraction of FMA peak)  [OPENBLAS_CORETYPE=%s]\n",
            (long long)max_n, ct ? ct : "(unset)");
@@ -211,6 +219,12 @@ int main(int argc, char **argv) {
         const double t_own = time_linear(x, max_n, k, &w, y, quick ? 0.3 : 1.0, 6);
         printf("%6lldx%-7lld own %-13s %7.1f (%.2f)", (long long)m, (long long)k,
                vlm_gemm_kernel_name(vlm_cpu_active_path()), flop / t_own / 1e9, flop / t_own / 1e9 / peak);
+        if (bf16_runs) {
+            vlm_cpu_set_bf16_dot("on");
+            const double t_bf = time_linear(x, max_n, k, &w, y, quick ? 0.3 : 1.0, 6);
+            vlm_cpu_set_bf16_dot("off");
+            printf("   own avx512bf16 %7.1f (%.2fx f32)", flop / t_bf / 1e9, t_own / t_bf);
+        }
 #ifdef VLM_HAVE_OPENBLAS
         vlm_cpu_set_gemm_backend("openblas");
         const double t_blas = time_linear(x, max_n, k, &w, y, quick ? 0.3 : 1.0, 6);
@@ -222,6 +236,7 @@ int main(int argc, char **argv) {
         vlm_cpu_set_gemm_min_rows(old);
         free(wd);
     }
+    vlm_cpu_set_bf16_dot("auto");
     free(x), free(y);
     return 0;
 }

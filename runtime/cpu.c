@@ -14,6 +14,8 @@
 
 #include <omp.h>
 #include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +53,12 @@ static int64_t s_smalln_max_rows = 48;
 /* The own GEMM is the default for every many-row product; OpenBLAS stays selectable
  * (VLMD_GEMM=openblas) for comparison. */
 static bool s_gemm_own = true;
+/* AVX512_BF16 GEMM for BF16 weights (vlm_cpu_bf16_dot in cpu_internal.h): the decision, the
+ * measured vdpbf16ps/FMA gain (0 when not measured) and why, for vlm_cpu_describe. */
+static bool s_bf16_dot;
+static double s_bf16_gain;
+static const char *s_bf16_why = "no avx512_bf16";
+#define BF16_MIN_GAIN 1.15
 static char s_model[128] = "unknown CPU";
 static char s_desc[1024];
 
@@ -94,6 +102,11 @@ static void detect_cpuid_bits(void) {
     s_feat_amxtile = (r[3] >> 24) & 1;
 }
 
+/* The setters' bodies without ensure_init: detect_once applies the environment through them
+ * (calling the public ones from inside pthread_once would wait on itself forever). */
+static int force_path(const char *name);
+static int set_bf16_dot(const char *mode);
+
 static void detect_once(void) {
     __builtin_cpu_init();
     s_feat_avx2 = __builtin_cpu_supports("avx2");
@@ -109,9 +122,18 @@ static void detect_once(void) {
     s_path = s_best;
     s_threads = omp_get_max_threads();
     const char *env = getenv("VLMD_CPU_PATH");
-    if (env && *env && vlm_cpu_force_path(env) != 0)
+    if (env && *env && force_path(env) != 0)
         fprintf(stderr, "vlmd: VLMD_CPU_PATH=%s not usable on this CPU; using %s\n", env,
                 s_path_names[s_path]);
+    if (s_feat_avx512bf16 && s_best == VLM_CPU_AVX512) {
+        s_bf16_gain = vlm_bf16_dot_gain();
+        s_bf16_dot = s_bf16_gain >= BF16_MIN_GAIN;
+        s_bf16_why = s_bf16_dot ? "vdpbf16ps faster than FMA" : "vdpbf16ps not faster than FMA here";
+    }
+    env = getenv("VLMD_BF16_DOT");
+    if (env && *env && set_bf16_dot(env) != 0)
+        fprintf(stderr, "vlmd: VLMD_BF16_DOT=%s not usable on this CPU; bf16 dot products %s\n", env,
+                s_bf16_dot ? "on" : "off");
     env = getenv("VLMD_GEMM");
     if (env && *env && !strcmp(env, "openblas")) {
 #ifdef VLM_HAVE_OPENBLAS
@@ -135,17 +157,70 @@ const char *vlm_cpu_path_name(vlm_cpu_path p) {
 
 int vlm_cpu_force_path(const char *name) {
     ensure_init();
+    return force_path(name);
+}
+
+static int force_path(const char *name) {
     if (!strcmp(name, "auto")) {
         s_path = s_best;
         return 0;
     }
     for (int p = 0; p < VLM_CPU_PATH_COUNT; p++) {
         if (strcmp(name, s_path_names[p]) != 0) continue;
-        if (!vlm_cpu_path_supported((vlm_cpu_path)p)) return -1;
+        if (p > (int)s_best) return -1;
         s_path = (vlm_cpu_path)p;
         return 0;
     }
     return -1;
+}
+
+/* Runs the AVX512_BF16 self-test where cpuid does not advertise the feature: a SIGILL (the CPU
+ * lacks it, or the OS does not enable it) jumps back and the answer is no. Only on request. */
+static sigjmp_buf s_probe_env;
+static void probe_sigill(int sig) {
+    (void)sig;
+    siglongjmp(s_probe_env, 1);
+}
+static bool bf16_runs_guarded(void) {
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = probe_sigill;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGILL, &sa, &old) != 0) return false;
+    volatile bool ok = false;
+    if (sigsetjmp(s_probe_env, 1) == 0) ok = vlm_bf16_dot_selftest();
+    sigaction(SIGILL, &old, NULL);
+    return ok;
+}
+
+int vlm_cpu_set_bf16_dot(const char *mode) {
+    ensure_init();
+    return set_bf16_dot(mode);
+}
+
+static int set_bf16_dot(const char *mode) {
+    if (!strcmp(mode, "off")) {
+        s_bf16_dot = false;
+        s_bf16_why = "turned off";
+        return 0;
+    }
+    if (!strcmp(mode, "auto")) {
+        s_bf16_dot = s_feat_avx512bf16 && s_best == VLM_CPU_AVX512 && s_bf16_gain >= BF16_MIN_GAIN;
+        s_bf16_why = s_bf16_dot ? "vdpbf16ps faster than FMA"
+                     : s_feat_avx512bf16 ? "vdpbf16ps not faster than FMA here" : "no avx512_bf16";
+        return 0;
+    }
+    if (strcmp(mode, "on") != 0 || s_best != VLM_CPU_AVX512) return -1;
+    if (!s_feat_avx512bf16 && !bf16_runs_guarded()) return -1;
+    if (s_bf16_gain == 0) s_bf16_gain = vlm_bf16_dot_gain();
+    s_bf16_dot = true;
+    s_bf16_why = s_feat_avx512bf16 ? "turned on" : "turned on; cpuid hides avx512_bf16 but it runs";
+    return 0;
+}
+
+bool vlm_cpu_bf16_dot(void) {
+    ensure_init();
+    return s_bf16_dot && s_path == VLM_CPU_AVX512;
 }
 
 vlm_cpu_path vlm_cpu_active_path(void) {
@@ -217,7 +292,7 @@ const char *vlm_cpu_describe(void) {
         size_t len = strlen(feats);
         snprintf(feats + len, sizeof feats - len, "%s%s", len ? "," : "", f[i].name);
     }
-    char gemm[48];
+    char gemm[48], bf16[128];
     if (s_gemm_own)
         snprintf(gemm, sizeof gemm, "own-%s", vlm_gemm_kernel_name(s_path));
     else
@@ -225,12 +300,20 @@ const char *vlm_cpu_describe(void) {
     char batch[64] = "";
     const int64_t small_hi = s_smalln_max_rows > 0 && s_path == VLM_CPU_AVX512 ? s_smalln_max_rows : 0;
     if (small_hi >= 4) snprintf(batch, sizeof batch, " batch(4<=n<=%lld)=smalln-avx512-8x2", (long long)small_hi);
+    const bool bf16_on = s_gemm_own && vlm_cpu_bf16_dot();
+    if (s_bf16_gain > 0)
+        snprintf(bf16, sizeof bf16, "%s (%s; vdpbf16ps/fma gain %.2f)", bf16_on ? "on" : "off",
+                 s_bf16_why, s_bf16_gain);
+    else
+        snprintf(bf16, sizeof bf16, "%s (%s)", bf16_on ? "on" : "off", s_bf16_why);
     snprintf(s_desc, sizeof s_desc,
-             "%s; features=%s; linear_bf16=%s decode(n=1)=%s%s prefill(n>=%lld)=%s gemm_f32=%s; threads=%d",
+             "%s; features=%s; linear_bf16=%s decode(n=1)=%s%s prefill(n>=%lld)=%s gemm_f32=%s; "
+             "bf16_dot=%s; threads=%d",
              s_model, feats[0] ? feats : "none", s_path_names[s_path],
              s_path == VLM_CPU_AVX512 ? "gemv-avx512" : s_path_names[s_path], batch,
              (long long)(small_hi >= s_gemm_min_rows ? small_hi + 1 : s_gemm_min_rows),
-             s_gemm_min_rows > 0 ? gemm : s_path_names[s_path], gemm, s_threads);
+             s_gemm_min_rows > 0 ? (bf16_on ? "own-avx512bf16-14x32" : gemm) : s_path_names[s_path],
+             gemm, bf16, s_threads);
     return s_desc;
 }
 
@@ -333,7 +416,8 @@ static void linear_gemm(const float *x, int64_t n, int64_t k, const vlm_tensor *
     if (!s_gemm_own) return linear_openblas(x, n, k, w, y);
 #endif
     const vlm_gemm_args g = {.n = n, .m = w->shape[0], .k = k, .a = x, .lda = k, .b = w->data,
-                             .bdt = w->dtype, .ldb = k, .c = y, .ldc = w->shape[0]};
+                             .bdt = w->dtype, .ldb = k, .c = y, .ldc = w->shape[0],
+                             .bf16_dot = w->dtype == VLM_BF16 && vlm_cpu_bf16_dot()};
     vlm_gemm_parallel(&g, s_path);
 }
 

@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static _Noreturn void gemm_invariant_failed(const char *what) {
     fprintf(stderr, "vlmd: invariant failed in cpu_gemm.c: %s\n", what);
@@ -51,6 +52,7 @@ typedef struct {
     int mr, nr;
     ukr_fn fn;
     const char *name;
+    bool bf16; /* packed A and B hold bf16 pairs (one k pair per 4-byte slot), see below */
 } gemm_kernel;
 
 /* Writes the tile t[MR][NR] (row stride nr) into C, only the valid part. */
@@ -145,6 +147,49 @@ __attribute__((target("avx512f"))) static void ukr_avx512_14x32(int64_t kc, cons
     for (int i = 0; i < 14; i++) _mm512_storeu_ps(t + i * 32, c0[i]), _mm512_storeu_ps(t + i * 32 + 16, c1[i]);
     store_tile(t, 32, c, ldc, mv, nv, acc);
 }
+
+/* ---- AVX512_BF16 micro-kernel, 14 x 32, for BF16 weights with A rounded to bf16 ----
+ * The packed operands hold k pairs: each 4-byte slot of Ap is (A[i][2q], A[i][2q+1]) and of Bp
+ * (B(j, 2q), B(j, 2q+1)) as two bf16, so one vdpbf16ps does 16 columns x 2 k steps, twice the
+ * work of an FMA. Products of two bf16 are exact in f32, so the result differs from the f32
+ * kernel only by A's rounding to bf16 (round to nearest even) and the order of the f32 sums.
+ * Same register plan as the f32 kernel: 28 accumulators, 2 B vectors, 1 broadcast. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void ukr_bf16_14x32(
+    int64_t kq, const float *ap, const float *bp, float *c, int64_t ldc, int mv, int nv, bool acc) {
+    __m512 c0[14], c1[14];
+#pragma GCC unroll 14
+    for (int i = 0; i < 14; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < kq; q++, ap += 14, bp += 32) {
+        const __m512bh b0 = (__m512bh)_mm512_load_ps(bp), b1 = (__m512bh)_mm512_load_ps(bp + 16);
+#pragma GCC unroll 14
+        for (int i = 0; i < 14; i++) {
+            /* a float broadcast moves the pair's bits unchanged (no NaN canonicalisation) */
+            const __m512bh a = (__m512bh)_mm512_set1_ps(ap[i]);
+            c0[i] = _mm512_dpbf16_ps(c0[i], a, b0);
+            c1[i] = _mm512_dpbf16_ps(c1[i], a, b1);
+        }
+    }
+    if (mv == 14) {
+        const __mmask16 k0 = nv >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nv) - 1);
+        const __mmask16 k1 = nv >= 32 ? (__mmask16)0xffff : nv <= 16 ? 0 : (__mmask16)((1u << (nv - 16)) - 1);
+#pragma GCC unroll 14
+        for (int i = 0; i < 14; i++) {
+            float *ci = c + i * ldc;
+            if (acc) {
+                c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(k0, ci));
+                c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(k1, ci + 16));
+            }
+            _mm512_mask_storeu_ps(ci, k0, c0[i]);
+            _mm512_mask_storeu_ps(ci + 16, k1, c1[i]);
+        }
+        return;
+    }
+    float t[14 * 32];
+#pragma GCC unroll 14
+    for (int i = 0; i < 14; i++) _mm512_storeu_ps(t + i * 32, c0[i]), _mm512_storeu_ps(t + i * 32 + 16, c1[i]);
+    store_tile(t, 32, c, ldc, mv, nv, acc);
+}
+static const gemm_kernel s_gemm_bf16 = {14, 32, ukr_bf16_14x32, "avx512bf16-14x32", true};
 
 static const gemm_kernel s_gemm_kernels[VLM_CPU_PATH_COUNT] = {
     [VLM_CPU_SCALAR] = {4, 16, ukr_c_4x16, "c-4x16"},
@@ -283,6 +328,91 @@ __attribute__((target("avx512f"))) static bool pack_b_avx512(const vlm_gemm_args
     return true;
 }
 
+/* ---- packing for the AVX512_BF16 kernel: k pairs, kd = ceil(kc / 2) slots per row ----
+ * Ap[s][q][ii] = (bf16(A[i][p0 + 2q]), bf16(A[i][p0 + 2q + 1])), zero past kc and past mc: each
+ * row's 32 floats become 16 pairs with one vcvtne2ps2bf16 and are scattered into the strip. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void pack_a_bf16(
+    const float *a, int64_t lda, int64_t i0, int64_t mc, int64_t p0, int64_t kc, float *ap) {
+    const int64_t kd = (kc + 1) / 2;
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(14));
+    for (int64_t s = 0; s * 14 < mc; s++) {
+        const int64_t h = mc - s * 14 < 14 ? mc - s * 14 : 14;
+        float *dst = ap + s * kd * 14;
+        for (int64_t ii = 0; ii < 14; ii++) {
+            if (ii >= h) {
+                for (int64_t q = 0; q < kd; q++) dst[q * 14 + ii] = 0.0f;
+                continue;
+            }
+            const float *src = a + (i0 + s * 14 + ii) * lda + p0;
+            for (int64_t q0 = 0; q0 < kd; q0 += 16) {
+                const int64_t ne = kc - 2 * q0 < 32 ? kc - 2 * q0 : 32, nq = kd - q0 < 16 ? kd - q0 : 16;
+                const __mmask16 mlo = ne >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << ne) - 1);
+                const __mmask16 mhi = ne >= 32 ? (__mmask16)0xffff : ne <= 16 ? 0 : (__mmask16)((1u << (ne - 16)) - 1);
+                const __m512 lo = _mm512_maskz_loadu_ps(mlo, src + 2 * q0);
+                const __m512 hi = _mm512_maskz_loadu_ps(mhi, src + 2 * q0 + 16);
+                const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lo's 16 in the low half */
+                _mm512_mask_i32scatter_epi32(dst + q0 * 14 + ii, (__mmask16)((1u << nq) - 1), idx, v, 4);
+            }
+        }
+    }
+}
+
+/* Bp[s][q][jj] = (B(j, p0 + 2q), B(j, p0 + 2q + 1)), j = j0 + s*32 + jj, zero for j >= m and past
+ * kc. A BF16 weight row already stores its k pairs side by side, so a full pair is one 32-bit
+ * gather lane; an odd kc's last pair is built with scalars (its second half would be past kc). */
+static void pack_b_bf16_scalar(const vlm_gemm_args *g, int64_t j0, int64_t nc, int64_t p0,
+                               int64_t kc, float *bp) {
+    const int64_t kd = (kc + 1) / 2;
+    uint32_t *out = (uint32_t *)bp; /* the buffer is only ever read back through SIMD loads */
+    for (int64_t s = 0; s * 32 < nc; s++) {
+        const int64_t w = nc - s * 32 < 32 ? nc - s * 32 : 32;
+        uint32_t *dst = out + s * kd * 32;
+        for (int64_t jj = 0; jj < 32; jj++) {
+            const uint16_t *row = (const uint16_t *)g->b + (j0 + s * 32 + jj) * g->ldb + p0;
+            for (int64_t q = 0; q < kd; q++) {
+                const uint32_t lo = jj < w ? row[2 * q] : 0;
+                const uint32_t hi = jj < w && 2 * q + 1 < kc ? row[2 * q + 1] : 0;
+                dst[q * 32 + jj] = lo | hi << 16;
+            }
+        }
+    }
+}
+
+__attribute__((target("avx512f,avx512bw"))) static void pack_b_bf16(const vlm_gemm_args *g, int64_t j0,
+                                                                    int64_t nc, int64_t p0, int64_t kc,
+                                                                    float *bp) {
+    if (g->ldb > INT32_MAX / 64) return pack_b_bf16_scalar(g, j0, nc, p0, kc, bp);
+    const int64_t kd = (kc + 1) / 2, kfull = kc / 2;
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i idx0 = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)g->ldb));
+    const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32((int)(16 * g->ldb)));
+    for (int64_t s = 0; s * 32 < nc; s++) {
+        const int64_t w = nc - s * 32 < 32 ? nc - s * 32 : 32;
+        const __mmask16 m0 = w >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << w) - 1);
+        const __mmask16 m1 = w >= 32 ? (__mmask16)0xffff : w <= 16 ? 0 : (__mmask16)((1u << (w - 16)) - 1);
+        float *dst = bp + s * kd * 32;
+        const uint16_t *base = (const uint16_t *)g->b + (j0 + s * 32) * g->ldb + p0;
+        /* prefetch the next strip's rows as in pack_b_avx512: 32 rows, one 64-byte line (32
+         * elements, 16 pairs) each per 16 pair steps, so two rows per step */
+        const int64_t wn = nc - (s + 1) * 32 < 32 ? nc - (s + 1) * 32 : 32;
+        const uint16_t *next = base + 32 * g->ldb;
+        for (int64_t q = 0; q < kfull; q++) {
+            const int64_t r = (2 * q) & 31, line = (2 * q) & ~(int64_t)31;
+            if (r < wn) _mm_prefetch((const char *)(next + r * g->ldb + line), _MM_HINT_T0);
+            if (r + 1 < wn) _mm_prefetch((const char *)(next + (r + 1) * g->ldb + line), _MM_HINT_T0);
+            _mm512_store_si512(dst + q * 32, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m0, idx0, base + 2 * q, 2));
+            _mm512_store_si512(dst + q * 32 + 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m1, idx1, base + 2 * q, 2));
+        }
+        if (kfull < kd) { /* odd kc: (last element, 0) */
+            uint32_t last[32];
+            for (int64_t jj = 0; jj < 32; jj++) last[jj] = jj < w ? base[jj * g->ldb + 2 * kfull] : 0;
+            _mm512_store_si512(dst + kfull * 32, _mm512_loadu_si512(last));
+            _mm512_store_si512(dst + kfull * 32 + 16, _mm512_loadu_si512(last + 16));
+        }
+    }
+}
+
 /* Bytes of packing buffer one thread needs (A block + B block), 64-byte aligned pieces. */
 size_t vlm_gemm_scratch_bytes(void) {
     return ((size_t)GEMM_KC * GEMM_MC + (size_t)GEMM_KC * (GEMM_NC + GEMM_MAX_NR)) * sizeof(float) + 128;
@@ -299,23 +429,30 @@ static void gemm_block(const vlm_gemm_args *g, const gemm_kernel *kr, int64_t i_
     float *ap = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float *bp = ap + (size_t)GEMM_KC * GEMM_MC;
     const bool simd_pack = kr->fn == ukr_avx512_14x32; /* packers laid out for 14 x 32 */
-    for (int64_t pc = 0; pc < g->k; pc += GEMM_KC) {
-        const int64_t kc = g->k - pc < GEMM_KC ? g->k - pc : GEMM_KC;
+    /* the bf16 kernel's 4-byte slots hold a k pair: same buffer bytes, twice the k per block */
+    const int64_t kblock = kr->bf16 ? 2 * GEMM_KC : GEMM_KC;
+    for (int64_t pc = 0; pc < g->k; pc += kblock) {
+        const int64_t kc = g->k - pc < kblock ? g->k - pc : kblock;
+        const int64_t kd = kr->bf16 ? (kc + 1) / 2 : kc; /* packed depth, in 4-byte slots */
         const bool acc = g->accumulate || pc > 0;
         for (int64_t ic = i_lo; ic < i_hi; ic += GEMM_MC) {
             const int64_t mc = i_hi - ic < GEMM_MC ? i_hi - ic : GEMM_MC;
-            if (!(simd_pack && pack_a_avx512(g->a, g->lda, ic, mc, pc, kc, ap)))
+            if (kr->bf16)
+                pack_a_bf16(g->a, g->lda, ic, mc, pc, kc, ap);
+            else if (!(simd_pack && pack_a_avx512(g->a, g->lda, ic, mc, pc, kc, ap)))
                 pack_a(g->a, g->lda, ic, mc, pc, kc, mr, ap);
             for (int64_t jc = j_lo; jc < j_hi; jc += GEMM_NC) {
                 const int64_t nc = j_hi - jc < GEMM_NC ? j_hi - jc : GEMM_NC;
-                if (!(simd_pack && pack_b_avx512(g, jc, nc, pc, kc, bp)))
+                if (kr->bf16)
+                    pack_b_bf16(g, jc, nc, pc, kc, bp);
+                else if (!(simd_pack && pack_b_avx512(g, jc, nc, pc, kc, bp)))
                     pack_b(g, jc, nc, pc, kc, nr, bp);
                 for (int64_t ir = 0; ir < mc; ir += mr) {
                     const int mv = (int)(mc - ir < mr ? mc - ir : mr);
-                    const float *as = ap + (ir / mr) * kc * mr;
+                    const float *as = ap + (ir / mr) * kd * mr;
                     for (int64_t jr = 0; jr < nc; jr += nr) {
                         const int nv = (int)(nc - jr < nr ? nc - jr : nr);
-                        kr->fn(kc, as, bp + (jr / nr) * kc * nr, g->c + (ic + ir) * g->ldc + jc + jr,
+                        kr->fn(kd, as, bp + (jr / nr) * kd * nr, g->c + (ic + ir) * g->ldc + jc + jr,
                                g->ldc, mv, nv, acc);
                     }
                 }
@@ -329,19 +466,25 @@ static void gemm_k0(const vlm_gemm_args *g, int64_t i_lo, int64_t i_hi) {
     for (int64_t i = i_lo; i < i_hi; i++) memset(g->c + i * g->ldc, 0, (size_t)g->m * sizeof(float));
 }
 
+static const gemm_kernel *pick_kernel(const vlm_gemm_args *g, vlm_cpu_path path) {
+    if (!g->bf16_dot) return &s_gemm_kernels[path];
+    GEMM_ASSERT(g->bdt == VLM_BF16 && !g->b_kn);
+    return &s_gemm_bf16;
+}
+
 void vlm_gemm_serial(const vlm_gemm_args *g, vlm_cpu_path path, float *scratch) {
     GEMM_ASSERT(path >= 0 && path < VLM_CPU_PATH_COUNT);
     GEMM_ASSERT(g->n >= 0 && g->m >= 0 && g->k >= 0 && g->ldc >= g->m && g->lda >= g->k);
     if (g->n == 0 || g->m == 0) return;
     if (g->k == 0) return gemm_k0(g, 0, g->n);
-    gemm_block(g, &s_gemm_kernels[path], 0, g->n, 0, g->m, scratch ? scratch : vlm_gemm_thread_scratch());
+    gemm_block(g, pick_kernel(g, path), 0, g->n, 0, g->m, scratch ? scratch : vlm_gemm_thread_scratch());
 }
 
 void vlm_gemm_parallel(const vlm_gemm_args *g, vlm_cpu_path path) {
     GEMM_ASSERT(path >= 0 && path < VLM_CPU_PATH_COUNT);
     GEMM_ASSERT(g->n >= 0 && g->m >= 0 && g->k >= 0 && g->ldc >= g->m && g->lda >= g->k);
     if (g->n == 0 || g->m == 0) return;
-    const gemm_kernel *kr = &s_gemm_kernels[path];
+    const gemm_kernel *kr = pick_kernel(g, path);
     const int64_t nstrips = (g->m + kr->nr - 1) / kr->nr, mstrips = (g->n + kr->mr - 1) / kr->mr;
     int nt = omp_get_max_threads();
     if (omp_in_parallel()) nt = 1;
@@ -372,4 +515,65 @@ void vlm_gemm_parallel(const vlm_gemm_args *g, vlm_cpu_path path) {
             }
         }
     }
+}
+
+/* ---- AVX512_BF16 probes (cpu.c decides with them whether the bf16 kernel runs) ---- */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) bool vlm_bf16_dot_selftest(void) {
+    /* lane i: (1 + i/8) * 2 + (-0.5) * (i + 1), every value exact in bf16 */
+    float a[32], b[32], out[16];
+    for (int i = 0; i < 16; i++) {
+        a[2 * i] = 1.0f + (float)i / 8, b[2 * i] = 2.0f;
+        a[2 * i + 1] = -0.5f, b[2 * i + 1] = (float)(i + 1);
+    }
+    const __m512bh va = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(a + 16), _mm512_loadu_ps(a));
+    const __m512bh vb = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(b + 16), _mm512_loadu_ps(b));
+    _mm512_storeu_ps(out, _mm512_dpbf16_ps(_mm512_set1_ps(1.0f), va, vb));
+    for (int i = 0; i < 16; i++)
+        if (out[i] != 1.0f + (1.0f + (float)i / 8) * 2.0f - 0.5f * (float)(i + 1)) return false;
+    return true;
+}
+
+static double probe_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Throughput of 8 independent chains of one instruction, best of 5 short runs (~20 us each):
+ * instructions per second. The asm barrier keeps the operands in registers and the loop alive. */
+#define PROBE_ITERS 4096
+#define PROBE_LOOP(op)                                                                        \
+    double best = 0;                                                                          \
+    for (int rep = 0; rep < 5; rep++) {                                                       \
+        __m512 c0 = z, c1 = z, c2 = z, c3 = z, c4 = z, c5 = z, c6 = z, c7 = z;                \
+        const double t0 = probe_now();                                                        \
+        for (int it = 0; it < PROBE_ITERS; it++) {                                            \
+            c0 = op(c0), c1 = op(c1), c2 = op(c2), c3 = op(c3);                               \
+            c4 = op(c4), c5 = op(c5), c6 = op(c6), c7 = op(c7);                               \
+            __asm__ volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5), \
+                             "+v"(c6), "+v"(c7));                                             \
+        }                                                                                     \
+        const double dt = probe_now() - t0, rate = dt > 0 ? 8.0 * PROBE_ITERS / dt : 0;       \
+        if (rate > best) best = rate;                                                         \
+    }                                                                                         \
+    return best;
+
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static double probe_dpbf16(void) {
+    const __m512 z = _mm512_setzero_ps();
+    const __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x20002000);
+#define DP(c) _mm512_dpbf16_ps(c, a, b)
+    PROBE_LOOP(DP)
+#undef DP
+}
+
+__attribute__((target("avx512f"))) static double probe_fma(void) {
+    const __m512 z = _mm512_setzero_ps(), a = _mm512_set1_ps(1.0f), b = _mm512_set1_ps(1e-9f);
+#define FMA(c) _mm512_fmadd_ps(a, b, c)
+    PROBE_LOOP(FMA)
+#undef FMA
+}
+
+double vlm_bf16_dot_gain(void) {
+    const double fma = probe_fma(), dp = probe_dpbf16();
+    return fma > 0 ? 2.0 * dp / fma : 0; /* a vdpbf16ps does twice an FMA's multiply-adds */
 }

@@ -82,6 +82,9 @@ typedef struct {
     float *c;
     int64_t ldc;
     bool accumulate;
+    /* AVX512_BF16 kernel (bdt must be BF16, !b_kn): A is rounded to bf16 (nearest even) and the
+     * products summed in f32 with vdpbf16ps. Only where the CPU runs it (vlm_cpu_bf16_dot()). */
+    bool bf16_dot;
 } vlm_gemm_args;
 /* On the calling thread only (for callers that parallelise over independent products, e.g.
  * attention heads), with the micro-kernel of `path`; scratch is vlm_gemm_scratch_bytes() bytes
@@ -112,6 +115,21 @@ void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const floa
 void vlm_attention_decode_f32(int64_t nk, int G, int D, const float *q, const float *kpool,
                               const float *vpool, int64_t ld, const int32_t *pages, int64_t pt,
                               float scale, float *sbuf, float *out);
+
+/* AVX512_BF16 (cpu_gemm.c). vlm_bf16_dot_selftest runs one vdpbf16ps on known values and says
+ * whether the result is exact (SIGILL where the CPU lacks the instruction: callers guard it).
+ * vlm_bf16_dot_gain measures (multiply-adds per second with vdpbf16ps) / (with f32 FMA) on the
+ * calling core in ~0.2 ms: 2.0 where both issue at the same rate, below 1 where vdpbf16ps is slow
+ * (measured 0.5 on an Emerald Rapids VM). */
+bool vlm_bf16_dot_selftest(void);
+double vlm_bf16_dot_gain(void);
+/* Whether vlm_linear multiplies BF16 weights with the AVX512_BF16 GEMM kernel at n >=
+ * gemm_min_rows. Decided once: the CPU must advertise avx512_bf16 and vdpbf16ps must beat FMA
+ * (vlm_bf16_dot_gain() >= 1.15). VLMD_BF16_DOT=on|off|auto (or vlm_cpu_set_bf16_dot) overrides;
+ * "on" on a CPU that does not advertise it runs the self-test under a SIGILL guard first (VMs
+ * often hide features the host has). Returns 0, or -1 when "on" cannot run here. */
+bool vlm_cpu_bf16_dot(void);
+int vlm_cpu_set_bf16_dot(const char *mode);
 
 /* Which library does the many-row products (vlm_linear at n >= gemm_min_rows, vlm_gemm_f32):
  * "own" (cpu_gemm.c) or "openblas" (only when built with it). Returns 0, or -1 when unknown or

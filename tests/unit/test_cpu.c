@@ -76,9 +76,54 @@ static const int64_t KS[] = {1, 15, 16, 17, 64, 100, 1536};
 static const int64_t MS[] = {1, 5, 31, 257};
 #define LEN(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
+/* x rounded to bf16, nearest even (what the AVX512_BF16 kernel multiplies), written here
+ * independently of the kernels; the test values are finite. */
+static double round_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    const uint32_t r = v.u + 0x7fffu + ((v.u >> 16) & 1u);
+    return bf16_val((uint16_t)(r >> 16));
+}
+
+/* One shape through the currently selected path; returns the worst error as a fraction of the
+ * tolerance. round_x: the reference rounds x to bf16 first (the bf16-dot kernel does). */
+static double linear_case(const char *label, vlm_dtype dt, int64_t n, int64_t k, int64_t m, int bk,
+                          bool round_x) {
+    double worst = 0;
+    wbuf w = make_w(dt, m * k);
+    wbuf b = make_w(bk == 2 ? VLM_BF16 : VLM_F32, m); /* bk: 0 none, 1 f32, 2 bf16 */
+    float *x = malloc((size_t)(n * k) * 4), *y = malloc((size_t)(n * m) * 4);
+    for (int64_t i = 0; i < n * k; i++) x[i] = rnd_unit();
+    vlm_tensor wt = tensor2(&w, m, k);
+    vlm_tensor bt = {.dtype = b.dt, .ndim = 1, .shape = {m}, .data = b.data};
+    vlm_linear(x, n, k, &wt, bk ? &bt : NULL, y);
+    int bad = 0;
+    for (int64_t i = 0; i < n && bad < 3; i++)
+        for (int64_t j = 0; j < m && bad < 3; j++) {
+            double ref = bk ? b.val[j] : 0, mag = bk ? fabs(b.val[j]) : 0;
+            for (int64_t t = 0; t < k; t++) {
+                const double xv = round_x ? round_bf16(x[i * k + t]) : (double)x[i * k + t];
+                const double p = xv * w.val[j * k + t];
+                ref += p, mag += fabs(p);
+            }
+            const double tol = LINEAR_REL_TOL * mag + LINEAR_ABS_TOL;
+            const double err = fabs(y[i * m + j] - ref);
+            if (err / tol > worst) worst = err / tol;
+            if (!(err <= tol)) {
+                bad++;
+                CHECKF(0, "%s dt=%d n=%lld k=%lld m=%lld bias=%d y[%lld,%lld]=%.9g ref=%.9g", label,
+                       (int)dt, (long long)n, (long long)k, (long long)m, bk, (long long)i,
+                       (long long)j, y[i * m + j], ref);
+            }
+        }
+    free(x), free(y);
+    free_w(&w), free_w(&b);
+    return worst;
+}
+
 /* Runs every shape/dtype/bias case through the currently selected path; returns the worst
- * error as a fraction of the tolerance (for the log). */
-static double linear_cases(const char *label) {
+ * error as a fraction of the tolerance (for the log). round_bf16_x: BF16 weights' reference
+ * rounds x to bf16 (the bf16-dot GEMM). */
+static double linear_cases_x(const char *label, bool round_bf16_x) {
     double worst = 0;
     int bias_kind = 0;
     for (int dti = 0; dti < 3; dti++) {
@@ -89,39 +134,15 @@ static double linear_cases(const char *label) {
                     const int64_t n = NS[ni], k = KS[ki], m = MS[mi];
                     /* keep the suite quick: the largest n only with the largest k every other m */
                     if (n == 130 && k == 1536 && mi % 2) continue;
-                    wbuf w = make_w(dt, m * k);
-                    const int bk = bias_kind++ % 3; /* 0 none, 1 f32, 2 bf16 */
-                    wbuf b = make_w(bk == 2 ? VLM_BF16 : VLM_F32, m);
-                    float *x = malloc((size_t)(n * k) * 4), *y = malloc((size_t)(n * m) * 4);
-                    for (int64_t i = 0; i < n * k; i++) x[i] = rnd_unit();
-                    vlm_tensor wt = tensor2(&w, m, k);
-                    vlm_tensor bt = {.dtype = b.dt, .ndim = 1, .shape = {m}, .data = b.data};
-                    vlm_linear(x, n, k, &wt, bk ? &bt : NULL, y);
-                    int bad = 0;
-                    for (int64_t i = 0; i < n && bad < 3; i++)
-                        for (int64_t j = 0; j < m && bad < 3; j++) {
-                            double ref = bk ? b.val[j] : 0, mag = bk ? fabs(b.val[j]) : 0;
-                            for (int64_t t = 0; t < k; t++) {
-                                const double p = (double)x[i * k + t] * w.val[j * k + t];
-                                ref += p, mag += fabs(p);
-                            }
-                            const double tol = LINEAR_REL_TOL * mag + LINEAR_ABS_TOL;
-                            const double err = fabs(y[i * m + j] - ref);
-                            if (err / tol > worst) worst = err / tol;
-                            if (!(err <= tol)) {
-                                bad++;
-                                CHECKF(0, "%s dt=%d n=%lld k=%lld m=%lld bias=%d y[%lld,%lld]=%.9g ref=%.9g",
-                                       label, (int)dt, (long long)n, (long long)k, (long long)m, bk,
-                                       (long long)i, (long long)j, y[i * m + j], ref);
-                            }
-                        }
-                    free(x), free(y);
-                    free_w(&w), free_w(&b);
+                    const double e = linear_case(label, dt, n, k, m, bias_kind++ % 3,
+                                                 round_bf16_x && dt == VLM_BF16);
+                    if (e > worst) worst = e;
                 }
     }
     fprintf(stderr, "  %s: worst error %.3f of tolerance\n", label, worst);
     return worst;
 }
+static double linear_cases(const char *label) { return linear_cases_x(label, false); }
 
 static void test_linear_every_path(void) {
     const int64_t old = vlm_cpu_set_gemm_min_rows(0); /* dot-row kernels for every n */
@@ -185,6 +206,38 @@ static void test_linear_gemm_path(void) {
     CHECK(vlm_cpu_set_gemm_backend("nope") == -1);
     vlm_cpu_set_gemm_min_rows(old);
     vlm_cpu_set_smalln_max_rows(old_small);
+}
+
+/* The AVX512_BF16 GEMM for BF16 weights, where this CPU runs vdpbf16ps (cpuid, or the guarded
+ * self-test when a VM hides it). Against a reference on bf16-rounded x the only error left is f32
+ * summation order, so LINEAR_REL_TOL still applies; plus shapes with an odd k spanning several
+ * k blocks (512) and row/column tails. */
+static void test_linear_bf16_dot(void) {
+    CHECK(vlm_cpu_set_bf16_dot("bogus") == -1);
+    if (vlm_cpu_force_path("avx512") != 0 || vlm_cpu_set_bf16_dot("on") != 0) {
+        fprintf(stderr, "  bf16-dot: this CPU does not run AVX512_BF16, skipped\n");
+        CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
+        CHECK_EQ_INT(vlm_cpu_set_bf16_dot("auto"), 0);
+        return;
+    }
+    CHECK(vlm_cpu_bf16_dot());
+    CHECK(strstr(vlm_cpu_describe(), "avx512bf16") != NULL);
+    const int64_t old = vlm_cpu_set_gemm_min_rows(1), old_small = vlm_cpu_set_smalln_max_rows(0);
+    linear_cases_x("gemm-avx512bf16", true);
+    const int64_t shapes[][3] = {{37, 1101, 70}, {15, 1025, 33}, {200, 1280, 96}, {1, 3, 1}};
+    double worst = 0;
+    for (int i = 0; i < LEN(shapes); i++) {
+        const double e = linear_case("gemm-avx512bf16", VLM_BF16, shapes[i][0], shapes[i][1],
+                                     shapes[i][2], i % 3, true);
+        if (e > worst) worst = e;
+    }
+    fprintf(stderr, "  gemm-avx512bf16 multi-block odd k: worst error %.3f of tolerance\n", worst);
+    vlm_cpu_set_gemm_min_rows(old);
+    vlm_cpu_set_smalln_max_rows(old_small);
+    CHECK_EQ_INT(vlm_cpu_set_bf16_dot("off"), 0);
+    CHECK(!vlm_cpu_bf16_dot());
+    CHECK_EQ_INT(vlm_cpu_set_bf16_dot("auto"), 0);
+    CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
 }
 
 static void gemm_f32_cases(void) {
@@ -409,15 +462,30 @@ static void test_describe_threads(void) {
     fprintf(stderr, "  %s\n", d);
     CHECK(strstr(d, "features=") != NULL);
     CHECK(strstr(d, "linear_bf16=") != NULL);
+    CHECK(strstr(d, "bf16_dot=") != NULL);
     CHECK(strstr(d, vlm_cpu_path_name(vlm_cpu_active_path())) != NULL);
 }
 
+/* The environment overrides are applied inside the one-time detection (they used to call the
+ * public setters from inside pthread_once, which waits on itself: the process hung). main sets
+ * them before the first call into the CPU layer. */
+static void test_env_overrides(void) {
+    CHECK_EQ_INT(vlm_cpu_active_path(), VLM_CPU_SCALAR);
+    CHECK(strstr(vlm_cpu_describe(), "bf16_dot=off (turned off)") != NULL);
+    CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
+    CHECK_EQ_INT(vlm_cpu_set_bf16_dot("auto"), 0);
+}
+
 int main(void) {
+    setenv("VLMD_CPU_PATH", "scalar", 1);
+    setenv("VLMD_BF16_DOT", "off", 1);
     vlm_cpu_init(0);
+    RUN(test_env_overrides);
     RUN(test_describe_threads);
     RUN(test_linear_every_path);
     RUN(test_linear_gemm_path);
     RUN(test_linear_smalln_path);
+    RUN(test_linear_bf16_dot);
     RUN(test_gemm_f32);
     RUN(test_gemm_serial_in_parallel);
     RUN(test_attention);

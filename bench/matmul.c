@@ -197,7 +197,7 @@ int main(int argc, char **argv) {
 
     /* the AVX512_BF16 GEMM where this CPU runs vdpbf16ps (forced on for the column; the
      * describe line says whether auto picks it) */
-    const bool bf16_runs = vlm_cpu_set_bf16_dot("on") == 0;
+    const bool bf16_runs = vlm_cpu_set_bf16_dot("avx512bf16") == 0;
     const double bf16_gain = bf16_runs ? vlm_bf16_dot_gain() : 0;
     vlm_cpu_set_bf16_dot("off");
     if (bf16_runs)
@@ -220,7 +220,7 @@ int main(int argc, char **argv) {
         printf("%6lldx%-7lld own %-13s %7.1f (%.2f)", (long long)m, (long long)k,
                vlm_gemm_kernel_name(vlm_cpu_active_path()), flop / t_own / 1e9, flop / t_own / 1e9 / peak);
         if (bf16_runs) {
-            vlm_cpu_set_bf16_dot("on");
+            vlm_cpu_set_bf16_dot("avx512bf16");
             const double t_bf = time_linear(x, max_n, k, &w, y, quick ? 0.3 : 1.0, 6);
             vlm_cpu_set_bf16_dot("off");
             printf("   own avx512bf16 %7.1f (%.2fx f32)", flop / t_bf / 1e9, t_own / t_bf);

@@ -12,6 +12,7 @@
  * All accumulation is f32. */
 #include "runtime/cpu_internal.h"
 
+#include <math.h>
 #include <omp.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -53,11 +54,14 @@ static int64_t s_smalln_max_rows = 48;
 /* The own GEMM is the default for every many-row product; OpenBLAS stays selectable
  * (VLMD_GEMM=openblas) for comparison. */
 static bool s_gemm_own = true;
-/* AVX512_BF16 GEMM for BF16 weights (vlm_cpu_bf16_dot in cpu_internal.h): the decision, the
- * measured vdpbf16ps/FMA gain (0 when not measured) and why, for vlm_cpu_describe. */
-static bool s_bf16_dot;
+/* The bf16 hardware GEMM kernel for BF16 weights (vlm_cpu_bf16_kernel in cpu_internal.h): the one
+ * in use, auto's choice, the measured vdpbf16ps/FMA gain (0: not measured), why, and whether each
+ * instruction set was found to run (-1: not tried yet). */
+static vlm_bf16_kernel s_bf16k, s_bf16k_auto;
 static double s_bf16_gain;
-static const char *s_bf16_why = "no avx512_bf16";
+static const char *s_bf16_why = "no avx512_bf16 or amx";
+static const char *s_bf16_auto_why = "no avx512_bf16 or amx";
+static int s_avx512bf16_runs = -1, s_amx_runs = -1;
 #define BF16_MIN_GAIN 1.15
 static char s_model[128] = "unknown CPU";
 static char s_desc[1024];
@@ -106,6 +110,7 @@ static void detect_cpuid_bits(void) {
  * (calling the public ones from inside pthread_once would wait on itself forever). */
 static int force_path(const char *name);
 static int set_bf16_dot(const char *mode);
+static void bf16_auto(void);
 
 static void detect_once(void) {
     __builtin_cpu_init();
@@ -125,15 +130,11 @@ static void detect_once(void) {
     if (env && *env && force_path(env) != 0)
         fprintf(stderr, "vlmd: VLMD_CPU_PATH=%s not usable on this CPU; using %s\n", env,
                 s_path_names[s_path]);
-    if (s_feat_avx512bf16 && s_best == VLM_CPU_AVX512) {
-        s_bf16_gain = vlm_bf16_dot_gain();
-        s_bf16_dot = s_bf16_gain >= BF16_MIN_GAIN;
-        s_bf16_why = s_bf16_dot ? "vdpbf16ps faster than FMA" : "vdpbf16ps not faster than FMA here";
-    }
+    bf16_auto();
     env = getenv("VLMD_BF16_DOT");
     if (env && *env && set_bf16_dot(env) != 0)
-        fprintf(stderr, "vlmd: VLMD_BF16_DOT=%s not usable on this CPU; bf16 dot products %s\n", env,
-                s_bf16_dot ? "on" : "off");
+        fprintf(stderr, "vlmd: VLMD_BF16_DOT=%s not usable on this CPU; bf16 GEMM kernel: %s\n", env,
+                vlm_gemm_bf16_kernel_name(s_bf16k));
     env = getenv("VLMD_GEMM");
     if (env && *env && !strcmp(env, "openblas")) {
 #ifdef VLM_HAVE_OPENBLAS
@@ -174,23 +175,115 @@ static int force_path(const char *name) {
     return -1;
 }
 
-/* Runs the AVX512_BF16 self-test where cpuid does not advertise the feature: a SIGILL (the CPU
- * lacks it, or the OS does not enable it) jumps back and the answer is no. Only on request. */
+/* Self-tests of the bf16 hardware kernels. A SIGILL (instruction missing, or state not enabled
+ * by the OS) or SIGSEGV (a broken tile kernel) inside them jumps back and the answer is no; a
+ * wrong result is a no as well. They run once, at init or on request, on the calling thread. */
 static sigjmp_buf s_probe_env;
-static void probe_sigill(int sig) {
+static void probe_fault(int sig) {
     (void)sig;
     siglongjmp(s_probe_env, 1);
 }
-static bool bf16_runs_guarded(void) {
-    struct sigaction sa, old;
+typedef bool (*probe_fn)(void);
+static bool run_guarded(probe_fn fn) {
+    struct sigaction sa, old_ill, old_segv;
     memset(&sa, 0, sizeof sa);
-    sa.sa_handler = probe_sigill;
+    sa.sa_handler = probe_fault;
     sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGILL, &sa, &old) != 0) return false;
+    if (sigaction(SIGILL, &sa, &old_ill) != 0) return false;
+    if (sigaction(SIGSEGV, &sa, &old_segv) != 0) {
+        sigaction(SIGILL, &old_ill, NULL);
+        return false;
+    }
     volatile bool ok = false;
-    if (sigsetjmp(s_probe_env, 1) == 0) ok = vlm_bf16_dot_selftest();
-    sigaction(SIGILL, &old, NULL);
+    if (sigsetjmp(s_probe_env, 1) == 0) ok = fn();
+    sigaction(SIGSEGV, &old_segv, NULL);
+    sigaction(SIGILL, &old_ill, NULL);
     return ok;
+}
+
+/* A bf16 GEMM kernel (packers, tile config, kernel) on a product with row, column and k tails, against
+ * the f32 kernel on the same bf16-rounded A: products of bf16 are exact in f32, so the two differ
+ * only in summation order. */
+static vlm_bf16_kernel s_selftest_kind;
+static bool gemm_selftest(void) {
+    enum { N = 45, M = 70, K = 1100 };
+    float *a = malloc(sizeof(float) * N * K), *ar = malloc(sizeof(float) * N * K);
+    float *c = malloc(sizeof(float) * N * M), *r = malloc(sizeof(float) * N * M);
+    uint16_t *b = malloc(sizeof(uint16_t) * M * K);
+    float *scratch = malloc(vlm_gemm_scratch_bytes());
+    bool ok = a && ar && c && r && b && scratch;
+    uint32_t x = 12345;
+    for (int i = 0; ok && i < N * K; i++) {
+        x = x * 1664525u + 1013904223u;
+        a[i] = (float)((int)(x >> 8) % 2001 - 1000) / 997.0f;
+        ar[i] = vlm_bf16_to_f32(vlm_f32_to_bf16(a[i]));
+    }
+    for (int i = 0; ok && i < M * K; i++) {
+        x = x * 1664525u + 1013904223u;
+        b[i] = vlm_f32_to_bf16((float)((int)(x >> 8) % 2001 - 1000) / 1013.0f);
+    }
+    if (ok) {
+        vlm_gemm_args g = {.n = N, .m = M, .k = K, .a = a, .lda = K, .b = b, .bdt = VLM_BF16, .ldb = K,
+                           .c = c, .ldc = M, .bf16 = s_selftest_kind};
+        vlm_gemm_serial(&g, VLM_CPU_AVX512, scratch);
+        g.a = ar, g.c = r, g.bf16 = VLM_BF16K_NONE;
+        vlm_gemm_serial(&g, VLM_CPU_AVX512, scratch);
+        for (int i = 0; i < N && ok; i++)
+            for (int j = 0; j < M && ok; j++) {
+                double mag = 0;
+                for (int t = 0; t < K; t++) mag += fabs((double)ar[i * K + t] * vlm_bf16_to_f32(b[j * K + t]));
+                ok = fabs((double)c[i * M + j] - r[i * M + j]) <= 1e-5 * mag + 1e-6;
+            }
+    }
+    free(a), free(ar), free(c), free(r), free(b), free(scratch);
+    return ok;
+}
+
+bool vlm_cpu_bf16_selftest(vlm_bf16_kernel k) {
+    ensure_init();
+    if (k <= VLM_BF16K_NONE || k >= VLM_BF16K_COUNT || s_best != VLM_CPU_AVX512) return false;
+    s_selftest_kind = k;
+    return run_guarded(gemm_selftest);
+}
+
+static bool avx512bf16_runs(void) {
+    if (s_avx512bf16_runs < 0)
+        s_avx512bf16_runs = s_best == VLM_CPU_AVX512 &&
+                            (s_feat_avx512bf16 ? vlm_bf16_dot_selftest() : run_guarded(vlm_bf16_dot_selftest));
+    return s_avx512bf16_runs;
+}
+
+static bool amx_runs(void) {
+    if (s_amx_runs < 0) {
+        s_selftest_kind = VLM_BF16K_AMX;
+        s_amx_runs = s_feat_amxbf16 && s_feat_amxtile && s_best == VLM_CPU_AVX512 && vlm_amx_request() &&
+                     run_guarded(gemm_selftest);
+        if (s_feat_amxbf16 && s_feat_amxtile && !s_amx_runs)
+            fprintf(stderr, "vlmd: cpuid reports AMX but the tile state or the AMX self-test failed; "
+                            "AMX is not used\n");
+    }
+    return s_amx_runs;
+}
+
+bool vlm_cpu_has_avx512bf16(void) {
+    ensure_init();
+    return s_feat_avx512bf16 || s_avx512bf16_runs == 1;
+}
+
+/* auto: AMX if it runs, else AVX512_BF16 if advertised and faster than FMA, else none */
+static void bf16_auto(void) {
+    s_bf16k_auto = VLM_BF16K_NONE;
+    if (s_feat_amxbf16 && s_feat_amxtile && amx_runs()) {
+        s_bf16k_auto = VLM_BF16K_AMX;
+        s_bf16_auto_why = "amx tiles";
+    } else if (s_feat_avx512bf16 && avx512bf16_runs()) {
+        s_bf16_gain = vlm_bf16_dot_gain();
+        const bool fast = s_bf16_gain >= BF16_MIN_GAIN;
+        s_bf16k_auto = fast ? VLM_BF16K_AVX512 : VLM_BF16K_NONE;
+        s_bf16_auto_why = fast ? "vdpbf16ps faster than FMA" : "vdpbf16ps not faster than FMA here";
+    }
+    s_bf16k = s_bf16k_auto;
+    s_bf16_why = s_bf16_auto_why;
 }
 
 int vlm_cpu_set_bf16_dot(const char *mode) {
@@ -199,28 +292,39 @@ int vlm_cpu_set_bf16_dot(const char *mode) {
 }
 
 static int set_bf16_dot(const char *mode) {
+    vlm_bf16_kernel k;
     if (!strcmp(mode, "off")) {
-        s_bf16_dot = false;
-        s_bf16_why = "turned off";
+        k = VLM_BF16K_NONE;
+    } else if (!strcmp(mode, "auto")) {
+        s_bf16k = s_bf16k_auto;
+        s_bf16_why = s_bf16_auto_why;
         return 0;
+    } else if (!strcmp(mode, "on")) {
+        k = amx_runs() ? VLM_BF16K_AMX : avx512bf16_runs() ? VLM_BF16K_AVX512 : VLM_BF16K_NONE;
+        if (k == VLM_BF16K_NONE) return -1;
+    } else if (!strcmp(mode, "avx512bf16")) {
+        if (!avx512bf16_runs()) return -1;
+        k = VLM_BF16K_AVX512;
+    } else if (!strcmp(mode, "amx")) {
+        if (!amx_runs()) return -1;
+        k = VLM_BF16K_AMX;
+    } else if (!strcmp(mode, "amx-emulated")) {
+        if (s_best != VLM_CPU_AVX512) return -1; /* the packers are AVX-512 */
+        k = VLM_BF16K_AMX_EMULATED;
+    } else {
+        return -1;
     }
-    if (!strcmp(mode, "auto")) {
-        s_bf16_dot = s_feat_avx512bf16 && s_best == VLM_CPU_AVX512 && s_bf16_gain >= BF16_MIN_GAIN;
-        s_bf16_why = s_bf16_dot ? "vdpbf16ps faster than FMA"
-                     : s_feat_avx512bf16 ? "vdpbf16ps not faster than FMA here" : "no avx512_bf16";
-        return 0;
-    }
-    if (strcmp(mode, "on") != 0 || s_best != VLM_CPU_AVX512) return -1;
-    if (!s_feat_avx512bf16 && !bf16_runs_guarded()) return -1;
-    if (s_bf16_gain == 0) s_bf16_gain = vlm_bf16_dot_gain();
-    s_bf16_dot = true;
-    s_bf16_why = s_feat_avx512bf16 ? "turned on" : "turned on; cpuid hides avx512_bf16 but it runs";
+    if (k == VLM_BF16K_AVX512 && s_bf16_gain == 0) s_bf16_gain = vlm_bf16_dot_gain();
+    s_bf16k = k;
+    s_bf16_why = k == VLM_BF16K_NONE ? "turned off"
+                 : k == VLM_BF16K_AVX512 && !s_feat_avx512bf16 ? "turned on; cpuid hides avx512_bf16 but it runs"
+                                                               : "turned on";
     return 0;
 }
 
-bool vlm_cpu_bf16_dot(void) {
+vlm_bf16_kernel vlm_cpu_bf16_kernel(void) {
     ensure_init();
-    return s_bf16_dot && s_path == VLM_CPU_AVX512;
+    return s_path == VLM_CPU_AVX512 ? s_bf16k : VLM_BF16K_NONE;
 }
 
 vlm_cpu_path vlm_cpu_active_path(void) {
@@ -300,19 +404,20 @@ const char *vlm_cpu_describe(void) {
     char batch[64] = "";
     const int64_t small_hi = s_smalln_max_rows > 0 && s_path == VLM_CPU_AVX512 ? s_smalln_max_rows : 0;
     if (small_hi >= 4) snprintf(batch, sizeof batch, " batch(4<=n<=%lld)=smalln-avx512-8x2", (long long)small_hi);
-    const bool bf16_on = s_gemm_own && vlm_cpu_bf16_dot();
+    const vlm_bf16_kernel bk = s_gemm_own ? vlm_cpu_bf16_kernel() : VLM_BF16K_NONE;
+    const bool bf16_on = bk != VLM_BF16K_NONE;
     if (s_bf16_gain > 0)
-        snprintf(bf16, sizeof bf16, "%s (%s; vdpbf16ps/fma gain %.2f)", bf16_on ? "on" : "off",
+        snprintf(bf16, sizeof bf16, "%s (%s; vdpbf16ps/fma gain %.2f)", bf16_on ? vlm_gemm_bf16_kernel_name(bk) : "off",
                  s_bf16_why, s_bf16_gain);
     else
-        snprintf(bf16, sizeof bf16, "%s (%s)", bf16_on ? "on" : "off", s_bf16_why);
+        snprintf(bf16, sizeof bf16, "%s (%s)", bf16_on ? vlm_gemm_bf16_kernel_name(bk) : "off", s_bf16_why);
     snprintf(s_desc, sizeof s_desc,
              "%s; features=%s; linear_bf16=%s decode(n=1)=%s%s prefill(n>=%lld)=%s gemm_f32=%s; "
              "bf16_dot=%s; threads=%d",
              s_model, feats[0] ? feats : "none", s_path_names[s_path],
              s_path == VLM_CPU_AVX512 ? "gemv-avx512" : s_path_names[s_path], batch,
              (long long)(small_hi >= s_gemm_min_rows ? small_hi + 1 : s_gemm_min_rows),
-             s_gemm_min_rows > 0 ? (bf16_on ? "own-avx512bf16-14x32" : gemm) : s_path_names[s_path],
+             s_gemm_min_rows > 0 ? (bf16_on ? vlm_gemm_bf16_kernel_name(bk) : gemm) : s_path_names[s_path],
              gemm, bf16, s_threads);
     return s_desc;
 }
@@ -417,7 +522,7 @@ static void linear_gemm(const float *x, int64_t n, int64_t k, const vlm_tensor *
 #endif
     const vlm_gemm_args g = {.n = n, .m = w->shape[0], .k = k, .a = x, .lda = k, .b = w->data,
                              .bdt = w->dtype, .ldb = k, .c = y, .ldc = w->shape[0],
-                             .bf16_dot = w->dtype == VLM_BF16 && vlm_cpu_bf16_dot()};
+                             .bf16 = w->dtype == VLM_BF16 ? vlm_cpu_bf16_kernel() : VLM_BF16K_NONE};
     vlm_gemm_parallel(&g, s_path);
 }
 

@@ -48,11 +48,16 @@ static _Noreturn void gemm_invariant_failed(const char *what) {
  * the first mv rows and nv columns are written (edge tiles). */
 typedef void (*ukr_fn)(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, int mv,
                        int nv, bool acc);
+/* How a kernel wants its operands packed: f32 ([kc][MR] and [kc][NR]); bf16 k pairs, one per
+ * 4-byte slot, A as [kd][MR] (the AVX512_BF16 kernel broadcasts one row's pair); or bf16 pairs
+ * for AMX tiles, A as [MR][kdp] (a tile row is one A row's 16 pairs) with kdp padded to 16. */
+typedef enum { PACK_F32, PACK_PAIRS, PACK_AMX } pack_kind;
 typedef struct {
     int mr, nr;
     ukr_fn fn;
     const char *name;
-    bool bf16; /* packed A and B hold bf16 pairs (one k pair per 4-byte slot), see below */
+    pack_kind pack;
+    void (*begin)(void), (*end)(void); /* per-thread set-up around a block (AMX tile config) */
 } gemm_kernel;
 
 /* Writes the tile t[MR][NR] (row stride nr) into C, only the valid part. */
@@ -189,12 +194,16 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void ukr_bf16_14x3
     for (int i = 0; i < 14; i++) _mm512_storeu_ps(t + i * 32, c0[i]), _mm512_storeu_ps(t + i * 32 + 16, c1[i]);
     store_tile(t, 32, c, ldc, mv, nv, acc);
 }
-static const gemm_kernel s_gemm_bf16 = {14, 32, ukr_bf16_14x32, "avx512bf16-14x32", true};
+static const gemm_kernel s_gemm_bf16[] = {
+    [VLM_BF16K_AVX512] = {14, 32, ukr_bf16_14x32, "avx512bf16-14x32", PACK_PAIRS, NULL, NULL},
+    [VLM_BF16K_AMX] = {32, 32, vlm_amx_ukr_32x32, "amx-32x32", PACK_AMX, vlm_amx_begin, vlm_amx_end},
+    [VLM_BF16K_AMX_EMULATED] = {32, 32, vlm_amx_ukr_32x32_emulated, "amx-emulated-32x32", PACK_AMX, NULL, NULL},
+};
 
 static const gemm_kernel s_gemm_kernels[VLM_CPU_PATH_COUNT] = {
-    [VLM_CPU_SCALAR] = {4, 16, ukr_c_4x16, "c-4x16"},
-    [VLM_CPU_AVX2] = {6, 16, ukr_avx2_6x16, "avx2-6x16"},
-    [VLM_CPU_AVX512] = {14, 32, ukr_avx512_14x32, "avx512-14x32"},
+    [VLM_CPU_SCALAR] = {4, 16, ukr_c_4x16, "c-4x16", PACK_F32, NULL, NULL},
+    [VLM_CPU_AVX2] = {6, 16, ukr_avx2_6x16, "avx2-6x16", PACK_F32, NULL, NULL},
+    [VLM_CPU_AVX512] = {14, 32, ukr_avx512_14x32, "avx512-14x32", PACK_F32, NULL, NULL},
 };
 
 const char *vlm_gemm_kernel_name(vlm_cpu_path p) {
@@ -361,17 +370,18 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void pack_a_bf16(
 /* Bp[s][q][jj] = (B(j, p0 + 2q), B(j, p0 + 2q + 1)), j = j0 + s*32 + jj, zero for j >= m and past
  * kc. A BF16 weight row already stores its k pairs side by side, so a full pair is one 32-bit
  * gather lane; an odd kc's last pair is built with scalars (its second half would be past kc). */
+/* kds >= kd: pair rows per strip (AMX pads to a multiple of 16); rows kd..kds-1 are zero. */
 static void pack_b_bf16_scalar(const vlm_gemm_args *g, int64_t j0, int64_t nc, int64_t p0,
-                               int64_t kc, float *bp) {
+                               int64_t kc, int64_t kds, float *bp) {
     const int64_t kd = (kc + 1) / 2;
-    uint32_t *out = (uint32_t *)bp; /* the buffer is only ever read back through SIMD loads */
+    uint32_t *out = (uint32_t *)bp; /* the buffer is only ever read back through SIMD/tile loads */
     for (int64_t s = 0; s * 32 < nc; s++) {
         const int64_t w = nc - s * 32 < 32 ? nc - s * 32 : 32;
-        uint32_t *dst = out + s * kd * 32;
+        uint32_t *dst = out + s * kds * 32;
         for (int64_t jj = 0; jj < 32; jj++) {
             const uint16_t *row = (const uint16_t *)g->b + (j0 + s * 32 + jj) * g->ldb + p0;
-            for (int64_t q = 0; q < kd; q++) {
-                const uint32_t lo = jj < w ? row[2 * q] : 0;
+            for (int64_t q = 0; q < kds; q++) {
+                const uint32_t lo = jj < w && q < kd ? row[2 * q] : 0;
                 const uint32_t hi = jj < w && 2 * q + 1 < kc ? row[2 * q + 1] : 0;
                 dst[q * 32 + jj] = lo | hi << 16;
             }
@@ -381,8 +391,8 @@ static void pack_b_bf16_scalar(const vlm_gemm_args *g, int64_t j0, int64_t nc, i
 
 __attribute__((target("avx512f,avx512bw"))) static void pack_b_bf16(const vlm_gemm_args *g, int64_t j0,
                                                                     int64_t nc, int64_t p0, int64_t kc,
-                                                                    float *bp) {
-    if (g->ldb > INT32_MAX / 64) return pack_b_bf16_scalar(g, j0, nc, p0, kc, bp);
+                                                                    int64_t kds, float *bp) {
+    if (g->ldb > INT32_MAX / 64) return pack_b_bf16_scalar(g, j0, nc, p0, kc, kds, bp);
     const int64_t kd = (kc + 1) / 2, kfull = kc / 2;
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i idx0 = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)g->ldb));
@@ -391,7 +401,7 @@ __attribute__((target("avx512f,avx512bw"))) static void pack_b_bf16(const vlm_ge
         const int64_t w = nc - s * 32 < 32 ? nc - s * 32 : 32;
         const __mmask16 m0 = w >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << w) - 1);
         const __mmask16 m1 = w >= 32 ? (__mmask16)0xffff : w <= 16 ? 0 : (__mmask16)((1u << (w - 16)) - 1);
-        float *dst = bp + s * kd * 32;
+        float *dst = bp + s * kds * 32;
         const uint16_t *base = (const uint16_t *)g->b + (j0 + s * 32) * g->ldb + p0;
         /* prefetch the next strip's rows as in pack_b_avx512: 32 rows, one 64-byte line (32
          * elements, 16 pairs) each per 16 pair steps, so two rows per step */
@@ -409,6 +419,47 @@ __attribute__((target("avx512f,avx512bw"))) static void pack_b_bf16(const vlm_ge
             for (int64_t jj = 0; jj < 32; jj++) last[jj] = jj < w ? base[jj * g->ldb + 2 * kfull] : 0;
             _mm512_store_si512(dst + kfull * 32, _mm512_loadu_si512(last));
             _mm512_store_si512(dst + kfull * 32 + 16, _mm512_loadu_si512(last + 16));
+        }
+        for (int64_t q = kd; q < kds; q++) {
+            _mm512_store_si512(dst + q * 32, _mm512_setzero_si512());
+            _mm512_store_si512(dst + q * 32 + 16, _mm512_setzero_si512());
+        }
+    }
+}
+
+/* A for AMX tiles: Ap[s][ii][q] = (bf16(A[i][p0 + 2q]), bf16(A[i][p0 + 2q + 1])), i = i0 + s*32 + ii,
+ * kdp slots per row (zero past kc), rows past mc zero. Each row converts with vcvtne2ps2bf16 where
+ * the CPU has it (every AMX CPU does), else with the scalar rounding. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void pack_a_amx_row_simd(
+    const float *src, int64_t kc, int64_t kdp, float *dst) {
+    for (int64_t q0 = 0; q0 < kdp; q0 += 16) {
+        const int64_t ne = kc - 2 * q0 <= 0 ? 0 : kc - 2 * q0 < 32 ? kc - 2 * q0 : 32;
+        const __mmask16 mlo = ne >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << ne) - 1);
+        const __mmask16 mhi = ne >= 32 ? (__mmask16)0xffff : ne <= 16 ? 0 : (__mmask16)((1u << (ne - 16)) - 1);
+        const __m512 lo = _mm512_maskz_loadu_ps(mlo, src + 2 * q0);
+        const __m512 hi = _mm512_maskz_loadu_ps(mhi, src + 2 * q0 + 16);
+        _mm512_store_si512(dst + q0, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+static void pack_a_amx(const float *a, int64_t lda, int64_t i0, int64_t mc, int64_t p0, int64_t kc,
+                       int64_t kdp, bool simd, float *ap) {
+    const int64_t strips = (mc + 31) / 32;
+    for (int64_t r = 0; r < strips * 32; r++) {
+        float *dst = ap + r * kdp;
+        if (r >= mc) {
+            memset(dst, 0, (size_t)kdp * 4);
+            continue;
+        }
+        const float *src = a + (i0 + r) * lda + p0;
+        if (simd) {
+            pack_a_amx_row_simd(src, kc, kdp, dst);
+            continue;
+        }
+        uint32_t *d = (uint32_t *)dst;
+        for (int64_t q = 0; q < kdp; q++) {
+            const uint32_t lo = 2 * q < kc ? vlm_f32_to_bf16(src[2 * q]) : 0;
+            const uint32_t hi = 2 * q + 1 < kc ? vlm_f32_to_bf16(src[2 * q + 1]) : 0;
+            d[q] = lo | hi << 16;
         }
     }
 }
@@ -429,22 +480,27 @@ static void gemm_block(const vlm_gemm_args *g, const gemm_kernel *kr, int64_t i_
     float *ap = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float *bp = ap + (size_t)GEMM_KC * GEMM_MC;
     const bool simd_pack = kr->fn == ukr_avx512_14x32; /* packers laid out for 14 x 32 */
-    /* the bf16 kernel's 4-byte slots hold a k pair: same buffer bytes, twice the k per block */
-    const int64_t kblock = kr->bf16 ? 2 * GEMM_KC : GEMM_KC;
+    /* bf16 kernels' 4-byte slots hold a k pair: same buffer bytes, twice the k per block */
+    const int64_t kblock = kr->pack == PACK_F32 ? GEMM_KC : 2 * GEMM_KC;
+    const int64_t mcmax = GEMM_MC / mr * mr; /* whole strips within the A buffer */
+    if (kr->begin) kr->begin();
     for (int64_t pc = 0; pc < g->k; pc += kblock) {
         const int64_t kc = g->k - pc < kblock ? g->k - pc : kblock;
-        const int64_t kd = kr->bf16 ? (kc + 1) / 2 : kc; /* packed depth, in 4-byte slots */
+        /* packed depth in 4-byte slots */
+        const int64_t kd = kr->pack == PACK_F32 ? kc : kr->pack == PACK_PAIRS ? (kc + 1) / 2 : (kc + 31) / 32 * 16;
         const bool acc = g->accumulate || pc > 0;
-        for (int64_t ic = i_lo; ic < i_hi; ic += GEMM_MC) {
-            const int64_t mc = i_hi - ic < GEMM_MC ? i_hi - ic : GEMM_MC;
-            if (kr->bf16)
+        for (int64_t ic = i_lo; ic < i_hi; ic += mcmax) {
+            const int64_t mc = i_hi - ic < mcmax ? i_hi - ic : mcmax;
+            if (kr->pack == PACK_PAIRS)
                 pack_a_bf16(g->a, g->lda, ic, mc, pc, kc, ap);
+            else if (kr->pack == PACK_AMX)
+                pack_a_amx(g->a, g->lda, ic, mc, pc, kc, kd, vlm_cpu_has_avx512bf16(), ap);
             else if (!(simd_pack && pack_a_avx512(g->a, g->lda, ic, mc, pc, kc, ap)))
                 pack_a(g->a, g->lda, ic, mc, pc, kc, mr, ap);
             for (int64_t jc = j_lo; jc < j_hi; jc += GEMM_NC) {
                 const int64_t nc = j_hi - jc < GEMM_NC ? j_hi - jc : GEMM_NC;
-                if (kr->bf16)
-                    pack_b_bf16(g, jc, nc, pc, kc, bp);
+                if (kr->pack != PACK_F32)
+                    pack_b_bf16(g, jc, nc, pc, kc, kd, bp);
                 else if (!(simd_pack && pack_b_avx512(g, jc, nc, pc, kc, bp)))
                     pack_b(g, jc, nc, pc, kc, nr, bp);
                 for (int64_t ir = 0; ir < mc; ir += mr) {
@@ -459,6 +515,7 @@ static void gemm_block(const vlm_gemm_args *g, const gemm_kernel *kr, int64_t i_
             }
         }
     }
+    if (kr->end) kr->end();
 }
 
 static void gemm_k0(const vlm_gemm_args *g, int64_t i_lo, int64_t i_hi) {
@@ -467,9 +524,13 @@ static void gemm_k0(const vlm_gemm_args *g, int64_t i_lo, int64_t i_hi) {
 }
 
 static const gemm_kernel *pick_kernel(const vlm_gemm_args *g, vlm_cpu_path path) {
-    if (!g->bf16_dot) return &s_gemm_kernels[path];
-    GEMM_ASSERT(g->bdt == VLM_BF16 && !g->b_kn);
-    return &s_gemm_bf16;
+    if (g->bf16 == VLM_BF16K_NONE) return &s_gemm_kernels[path];
+    GEMM_ASSERT(g->bdt == VLM_BF16 && !g->b_kn && g->bf16 > 0 && g->bf16 < VLM_BF16K_COUNT);
+    return &s_gemm_bf16[g->bf16];
+}
+
+const char *vlm_gemm_bf16_kernel_name(vlm_bf16_kernel k) {
+    return k > VLM_BF16K_NONE && k < VLM_BF16K_COUNT ? s_gemm_bf16[k].name : "none";
 }
 
 void vlm_gemm_serial(const vlm_gemm_args *g, vlm_cpu_path path, float *scratch) {

@@ -66,6 +66,17 @@ const char *vlm_cpu_path_name(vlm_cpu_path p);
  * 0 disables the GEMM path (tests use this to cover both). Returns the previous value. */
 int64_t vlm_cpu_set_gemm_min_rows(int64_t rows);
 
+/* BF16-weight GEMM kernels that multiply bf16 x bf16 in hardware (A, the activations, rounded to
+ * bf16 nearest-even; sums in f32): AVX512_BF16 vdpbf16ps (cpu_gemm.c), AMX TDPBF16PS tiles
+ * (cpu_amx.c), and the AMX kernel on a C model of the tile instructions (tests only). */
+typedef enum {
+    VLM_BF16K_NONE = 0,
+    VLM_BF16K_AVX512,
+    VLM_BF16K_AMX,
+    VLM_BF16K_AMX_EMULATED,
+    VLM_BF16K_COUNT
+} vlm_bf16_kernel;
+
 /* ---- blocked GEMM (cpu_gemm.c) ----
  * C[i, j] = (accumulate ? C[i, j] : 0) + sum_t A[i, t] * B(j, t), i < n, j < m, t < k, where
  * B(j, t) = b[j * ldb + t] in dtype bdt (F32/BF16/F16; a weight matrix [m, k]) when !b_kn, or
@@ -82,9 +93,9 @@ typedef struct {
     float *c;
     int64_t ldc;
     bool accumulate;
-    /* AVX512_BF16 kernel (bdt must be BF16, !b_kn): A is rounded to bf16 (nearest even) and the
-     * products summed in f32 with vdpbf16ps. Only where the CPU runs it (vlm_cpu_bf16_dot()). */
-    bool bf16_dot;
+    /* A bf16 hardware kernel (bdt must be BF16, !b_kn), or NONE for the path's f32 kernel. Only
+     * one the CPU runs (vlm_cpu_bf16_kernel()). */
+    vlm_bf16_kernel bf16;
 } vlm_gemm_args;
 /* On the calling thread only (for callers that parallelise over independent products, e.g.
  * attention heads), with the micro-kernel of `path`; scratch is vlm_gemm_scratch_bytes() bytes
@@ -97,6 +108,19 @@ float *vlm_gemm_thread_scratch(void);
  * inside a parallel region. */
 void vlm_gemm_parallel(const vlm_gemm_args *g, vlm_cpu_path path);
 const char *vlm_gemm_kernel_name(vlm_cpu_path p);
+const char *vlm_gemm_bf16_kernel_name(vlm_bf16_kernel k);
+
+/* AMX (cpu_amx.c). vlm_amx_request asks Linux for the tile state (once per process; false where
+ * the kernel or CPU has none). vlm_amx_begin/end load and release the tile configuration on the
+ * calling thread around a block of kernel calls. The micro-kernels: C[32 x 32] (=/+=) over kdp
+ * bf16 pairs (a multiple of 16); Ap [32][kdp] slots, Bp [kdp][32] slots (cpu_gemm.c packs them). */
+bool vlm_amx_request(void);
+void vlm_amx_begin(void);
+void vlm_amx_end(void);
+void vlm_amx_ukr_32x32(int64_t kdp, const float *ap, const float *bp, float *c, int64_t ldc, int mv,
+                       int nv, bool acc);
+void vlm_amx_ukr_32x32_emulated(int64_t kdp, const float *ap, const float *bp, float *c, int64_t ldc,
+                                int mv, int nv, bool acc);
 
 /* Blocked ("flash") attention, cpu_attn.c: for each head h < H and query row i < nq,
  *   out[i*ldo + h*D + d] = sum_j p_ij v[j*ldv + hk*D + d],  p_i = softmax_j(scale * q_i . k_j)
@@ -123,13 +147,21 @@ void vlm_attention_decode_f32(int64_t nk, int G, int D, const float *q, const fl
  * (measured 0.5 on an Emerald Rapids VM). */
 bool vlm_bf16_dot_selftest(void);
 double vlm_bf16_dot_gain(void);
-/* Whether vlm_linear multiplies BF16 weights with the AVX512_BF16 GEMM kernel at n >=
- * gemm_min_rows. Decided once: the CPU must advertise avx512_bf16 and vdpbf16ps must beat FMA
- * (vlm_bf16_dot_gain() >= 1.15). VLMD_BF16_DOT=on|off|auto (or vlm_cpu_set_bf16_dot) overrides;
- * "on" on a CPU that does not advertise it runs the self-test under a SIGILL guard first (VMs
- * often hide features the host has). Returns 0, or -1 when "on" cannot run here. */
-bool vlm_cpu_bf16_dot(void);
+/* Which bf16 hardware kernel vlm_linear uses for BF16 weights at n >= gemm_min_rows (NONE: the
+ * path's f32 kernel on bf16 weights converted in packing). Decided once at init ("auto"): AMX
+ * where cpuid has amx_bf16/amx_tile, Linux grants the tile state and a self-test on real tiles
+ * matches the reference; else AVX512_BF16 where cpuid has it and vdpbf16ps beats FMA
+ * (vlm_bf16_dot_gain() >= 1.15); else none. VLMD_BF16_DOT (or vlm_cpu_set_bf16_dot) overrides:
+ * "off", "auto", "on" (the best kernel that runs, even where auto declined), "avx512bf16",
+ * "amx", "amx-emulated" (tests). Where a VM hides avx512_bf16 from cpuid, "on"/"avx512bf16" run
+ * its self-test under a SIGILL guard first. Returns 0, or -1 when the kernel cannot run here. */
+vlm_bf16_kernel vlm_cpu_bf16_kernel(void);
 int vlm_cpu_set_bf16_dot(const char *mode);
+/* The self-test that gates AMX (a 45x70x1100 product with tails against the f32 kernel on the
+ * same bf16-rounded A, under a SIGILL/SIGSEGV guard) for kernel k: true when it matches. */
+bool vlm_cpu_bf16_selftest(vlm_bf16_kernel k);
+/* Whether vcvtne2ps2bf16/vdpbf16ps run on this CPU (cpuid, or the guarded self-test passed). */
+bool vlm_cpu_has_avx512bf16(void);
 
 /* Which library does the many-row products (vlm_linear at n >= gemm_min_rows, vlm_gemm_f32):
  * "own" (cpu_gemm.c) or "openblas" (only when built with it). Returns 0, or -1 when unknown or

@@ -566,16 +566,24 @@ void *vlm_cpu_thread_buffer(vlm_cpu_buf which, size_t bytes) {
 static void linear_smalln(const float *x, int64_t n, int64_t k, const vlm_tensor *w,
                           const vlm_tensor *bias, float *y) {
     const int64_t m = w->shape[0], npad = (n + 7) / 8 * 8, kp = (k + 31) / 32 * 32;
+    /* vdpbf16ps where the bf16 kernel choice is AVX512_BF16 (the probe found it faster than FMA) */
+    const bool bf16 = vlm_cpu_bf16_kernel() == VLM_BF16K_AVX512;
     float *xp = vlm_cpu_thread_buffer(VLM_CPU_BUF_SMALLN_X, (size_t)(npad * kp) * sizeof(float));
     const int64_t pairs = (m + 1) / 2;
 #pragma omp parallel
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        vlm_smalln_permute_x(x, n, k, npad * t / T, npad * (t + 1) / T, kp, xp);
+        if (bf16)
+            vlm_smalln_pack_x_bf16(x, n, k, npad * t / T, npad * (t + 1) / T, kp, (uint16_t *)xp);
+        else
+            vlm_smalln_permute_x(x, n, k, npad * t / T, npad * (t + 1) / T, kp, xp);
 #pragma omp barrier
         const int64_t j0 = pairs * t / T * 2, j1e = pairs * (t + 1) / T * 2, j1 = j1e < m ? j1e : m;
         if (j0 < j1) {
-            vlm_linear_smalln_avx512(xp, n, npad, kp, k, (const uint16_t *)w->data, j0, j1, y, m);
+            if (bf16)
+                vlm_linear_smalln_bf16((const uint16_t *)xp, n, npad, kp, k, (const uint16_t *)w->data, j0, j1, y, m);
+            else
+                vlm_linear_smalln_avx512(xp, n, npad, kp, k, (const uint16_t *)w->data, j0, j1, y, m);
             if (bias)
                 for (int64_t i = 0; i < n; i++)
                     for (int64_t j = j0; j < j1; j++) y[i * m + j] += elem_at(bias->data, bias->dtype, j);

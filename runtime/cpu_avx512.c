@@ -288,3 +288,98 @@ vlm_linear_smalln_avx512(const float *xp, int64_t n, int64_t npad, int64_t kp, i
         }
     }
 }
+
+/* ---- small-n BF16 linear with AVX512_BF16 (vdpbf16ps), for CPUs where the throughput probe
+ * found it faster than FMA (cpu.c) ----
+ * Same tiling as the f32 small-n kernel (8 x rows x 2 weight rows, 16 accumulators, k chunks,
+ * reduce16), but x is rounded to bf16 once per call and a weight row's 32 bf16 are used as they
+ * lie in memory: vdpbf16ps pairs k and k+1 of x with k and k+1 of the weights, so neither the
+ * widening unpacks nor a permutation are needed. xb: [row group][k block of 32][8 rows][32] bf16,
+ * kp = k rounded up to 32, zero padded. */
+#define SMALLN_BF16_KC 1024
+
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void
+vlm_smalln_pack_x_bf16(const float *x, int64_t n, int64_t k, int64_t i0, int64_t i1, int64_t kp,
+                       uint16_t *xb) {
+    const int64_t nblk = kp / 32;
+    for (int64_t i = i0; i < i1; i++)
+        for (int64_t b = 0; b < nblk; b++) {
+            uint16_t *d = xb + ((i / SMALLN_R) * nblk + b) * (32 * SMALLN_R) + (i % SMALLN_R) * 32;
+            const int64_t ne = i >= n ? 0 : k - b * 32 >= 32 ? 32 : k - b * 32;
+            const __mmask16 mlo = ne >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << ne) - 1);
+            const __mmask16 mhi = ne >= 32 ? (__mmask16)0xffff : ne <= 16 ? 0 : (__mmask16)((1u << (ne - 16)) - 1);
+            const float *s = x + (i < n ? i : 0) * k + b * 32;
+            const __m512 lo = _mm512_maskz_loadu_ps(mlo, s), hi = _mm512_maskz_loadu_ps(mhi, s + 16);
+            _mm512_store_si512(d, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inline void
+smalln_bf16_tile(const uint16_t *xb, const uint16_t *w0, const uint16_t *w1, int64_t k, int64_t t0,
+                 int64_t t1, const uint16_t *pf0, const uint16_t *pf1, float *out) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c04 = c00, c05 = c00, c06 = c00,
+           c07 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00, c14 = c00, c15 = c00, c16 = c00, c17 = c00;
+    for (int64_t t = t0; t < t1; t += 32) {
+        __m512bh v0, v1;
+        if (t + 32 <= k) {
+            v0 = (__m512bh)_mm512_loadu_si512(w0 + t), v1 = (__m512bh)_mm512_loadu_si512(w1 + t);
+        } else { /* the weights past k read as zero; so does x */
+            const __mmask32 m = (__mmask32)((1ull << (k - t)) - 1);
+            v0 = (__m512bh)_mm512_maskz_loadu_epi16(m, w0 + t), v1 = (__m512bh)_mm512_maskz_loadu_epi16(m, w1 + t);
+        }
+        _mm_prefetch((const char *)(pf0 + t), _MM_HINT_T0);
+        _mm_prefetch((const char *)(pf1 + t), _MM_HINT_T0);
+        const uint16_t *x = xb + t * SMALLN_R; /* this block's 8 rows x 32 bf16 */
+#define SMALLN_BF16_ROW(i)                                                                        \
+    do {                                                                                          \
+        __m512i xv = _mm512_load_si512(x + (i) * 32);                                             \
+        __asm__("" : "+v"(xv)); /* one load feeding both products, as in smalln_tile */           \
+        c0##i = _mm512_dpbf16_ps(c0##i, (__m512bh)xv, v0);                                        \
+        c1##i = _mm512_dpbf16_ps(c1##i, (__m512bh)xv, v1);                                        \
+    } while (0)
+        SMALLN_BF16_ROW(0); SMALLN_BF16_ROW(1); SMALLN_BF16_ROW(2); SMALLN_BF16_ROW(3);
+        SMALLN_BF16_ROW(4); SMALLN_BF16_ROW(5); SMALLN_BF16_ROW(6); SMALLN_BF16_ROW(7);
+#undef SMALLN_BF16_ROW
+    }
+    const __m512 acc[2 * SMALLN_R] = {c00, c01, c02, c03, c04, c05, c06, c07,
+                                      c10, c11, c12, c13, c14, c15, c16, c17};
+    _mm512_storeu_ps(out, reduce16(acc));
+}
+
+/* One 8-row x 2-column tile over [tc, te), added into y (written when tc == 0). */
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inline void
+smalln_bf16_tile_store(const uint16_t *xb, int64_t n, int64_t kp, int64_t k, const uint16_t *w,
+                       int64_t j, int64_t j1, int64_t g, int64_t tc, int64_t te, float *y, int64_t ldy) {
+    const bool pair = j + 1 < j1;
+    const uint16_t *w0 = w + j * k, *w1 = pair ? w0 + k : w0;
+    const int64_t jn = j + 2 < j1 ? j + 2 : j; /* prefetch the next pair's chunk */
+    const uint16_t *p0 = w + jn * k, *p1 = jn + 1 < j1 ? p0 + k : p0;
+    float s[16];
+    smalln_bf16_tile(xb + g * kp, w0, w1, k, tc, te, p0, p1, s);
+    const int64_t rows = n - g < SMALLN_R ? n - g : SMALLN_R;
+    for (int64_t i = 0; i < rows; i++) {
+        float *yi = y + (g + i) * ldy + j;
+        yi[0] = tc ? yi[0] + s[i] : s[i];
+        if (pair) yi[1] = tc ? yi[1] + s[SMALLN_R + i] : s[SMALLN_R + i];
+    }
+}
+
+/* Loop order as in vlm_linear_smalln_avx512: weight pair outside while every row's x chunk fits
+ * L1 (n <= 16 at KC 1024: 32 KiB of bf16), row groups outside beyond that. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void
+vlm_linear_smalln_bf16(const uint16_t *xb, int64_t n, int64_t npad, int64_t kp, int64_t k,
+                       const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy) {
+    const bool x_in_l1 = npad * SMALLN_BF16_KC * 2 <= 32768;
+    for (int64_t tc = 0; tc < k; tc += SMALLN_BF16_KC) {
+        const int64_t te = tc + SMALLN_BF16_KC < kp ? tc + SMALLN_BF16_KC : kp;
+        if (x_in_l1) {
+            for (int64_t j = j0; j < j1; j += 2)
+                for (int64_t g = 0; g < npad; g += SMALLN_R)
+                    smalln_bf16_tile_store(xb, n, kp, k, w, j, j1, g, tc, te, y, ldy);
+        } else {
+            for (int64_t g = 0; g < npad; g += SMALLN_R)
+                for (int64_t j = j0; j < j1; j += 2)
+                    smalln_bf16_tile_store(xb, n, kp, k, w, j, j1, g, tc, te, y, ldy);
+        }
+    }
+}

@@ -46,6 +46,14 @@ void vlm_smalln_permute_x(const float *x, int64_t n, int64_t k, int64_t i0, int6
 void vlm_linear_smalln_avx512(const float *xp, int64_t n, int64_t npad, int64_t kp, int64_t k,
                               const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy);
 
+/* The same product with AVX512_BF16 (cpu_avx512.c), where the bf16 kernel choice is AVX512_BF16
+ * (vdpbf16ps faster than FMA): x rounded to bf16 into xb (npad x kp bf16, [row group][k block]
+ * [8][32], 64-byte aligned) by vlm_smalln_pack_x_bf16 for rows [i0, i1), weights used in place. */
+void vlm_smalln_pack_x_bf16(const float *x, int64_t n, int64_t k, int64_t i0, int64_t i1, int64_t kp,
+                            uint16_t *xb);
+void vlm_linear_smalln_bf16(const uint16_t *xb, int64_t n, int64_t npad, int64_t kp, int64_t k,
+                            const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy);
+
 /* Largest n for which vlm_linear takes the small-n kernel (bf16 weights on the AVX-512 path); 0
  * disables it (tests use this to cover the other paths). Returns the previous value. */
 int64_t vlm_cpu_set_smalln_max_rows(int64_t rows);

@@ -121,9 +121,9 @@ static double linear_case(const char *label, vlm_dtype dt, int64_t n, int64_t k,
 }
 
 /* Runs every shape/dtype/bias case through the currently selected path; returns the worst
- * error as a fraction of the tolerance (for the log). round_bf16_x: BF16 weights' reference
- * rounds x to bf16 (the bf16 hardware kernels); only_bf16: BF16 weights only. */
-static double linear_cases_x(const char *label, bool round_bf16_x, bool only_bf16) {
+ * error as a fraction of the tolerance (for the log). round_from_n: at n >= this, BF16 weights'
+ * reference rounds x to bf16 (where a bf16 hardware kernel runs); only_bf16: BF16 weights only. */
+static double linear_cases_x(const char *label, int64_t round_from_n, bool only_bf16) {
     double worst = 0;
     int bias_kind = 0;
     for (int dti = only_bf16 ? 1 : 0; dti < (only_bf16 ? 2 : 3); dti++) {
@@ -135,14 +135,14 @@ static double linear_cases_x(const char *label, bool round_bf16_x, bool only_bf1
                     /* keep the suite quick: the largest n only with the largest k every other m */
                     if (n == 130 && k == 1536 && mi % 2) continue;
                     const double e = linear_case(label, dt, n, k, m, bias_kind++ % 3,
-                                                 round_bf16_x && dt == VLM_BF16);
+                                                 n >= round_from_n && dt == VLM_BF16);
                     if (e > worst) worst = e;
                 }
     }
     fprintf(stderr, "  %s: worst error %.3f of tolerance\n", label, worst);
     return worst;
 }
-static double linear_cases(const char *label) { return linear_cases_x(label, false, false); }
+static double linear_cases(const char *label) { return linear_cases_x(label, INT64_MAX, false); }
 
 static void test_linear_every_path(void) {
     const int64_t old = vlm_cpu_set_gemm_min_rows(0); /* dot-row kernels for every n */
@@ -238,7 +238,7 @@ static void test_linear_bf16_kernels(void) {
         CHECK_EQ_INT(vlm_cpu_bf16_kernel(), kinds[mi]);
         CHECK(vlm_cpu_bf16_selftest(kinds[mi])); /* the gate AMX passes at init, on this kernel */
         CHECK(strstr(vlm_cpu_describe(), vlm_gemm_bf16_kernel_name(kinds[mi])) != NULL);
-        linear_cases_x(label, true, true);
+        linear_cases_x(label, 1, true);
         const int64_t shapes[][3] = {{37, 1101, 70}, {15, 1025, 33}, {200, 1280, 96}, {1, 3, 1}};
         double worst = 0;
         for (int i = 0; i < LEN(shapes); i++) {
@@ -246,6 +246,15 @@ static void test_linear_bf16_kernels(void) {
             if (e > worst) worst = e;
         }
         fprintf(stderr, "  %s multi-block odd k: worst error %.3f of tolerance\n", label, worst);
+    }
+    /* the vdpbf16ps small-n kernel (batched decode) at every n of the table: n < 4 stays on the
+     * f32 dot-row kernels, so only n >= 4 has bf16-rounded x */
+    if (vlm_cpu_set_bf16_dot("avx512bf16") == 0) {
+        vlm_cpu_set_gemm_min_rows(0);
+        vlm_cpu_set_smalln_max_rows(1 << 20);
+        linear_cases_x("smalln-avx512bf16", 4, true);
+    } else {
+        fprintf(stderr, "  smalln-avx512bf16: this CPU does not run it, skipped\n");
     }
     vlm_cpu_set_gemm_min_rows(old);
     vlm_cpu_set_smalln_max_rows(old_small);

@@ -170,6 +170,7 @@ int main(int argc, char **argv) {
            vlm_cpu_active_path() == VLM_CPU_AVX512 ? "avx512" : "avx2", threads, peak);
 
     printf("\ncrossover, W 1536x1536 bf16: dot-row kernels vs small-n kernel vs own GEMM (GFLOP/s)\n");
+    vlm_cpu_set_bf16_dot("off"); /* the f32 kernels in these columns; the bf16 ones forced per column */
     {
         const int64_t m = 1536, k = 1536;
         uint16_t *wd = malloc((size_t)(m * k) * 2);
@@ -184,13 +185,20 @@ int main(int argc, char **argv) {
             const double t_dot = time_linear(x, cn[i], k, &w, y, mt, 30);
             vlm_cpu_set_smalln_max_rows(1 << 20);
             const double t_small = time_linear(x, cn[i], k, &w, y, mt, 30);
+            double t_small_bf16 = 0; /* the vdpbf16ps small-n kernel, where this CPU runs it */
+            if (cn[i] >= 4 && vlm_cpu_set_bf16_dot("avx512bf16") == 0) {
+                t_small_bf16 = time_linear(x, cn[i], k, &w, y, mt, 30);
+                vlm_cpu_set_bf16_dot("off");
+            }
             vlm_cpu_set_smalln_max_rows(0);
             vlm_cpu_set_gemm_min_rows(1);
             const double t_gemm = time_linear(x, cn[i], k, &w, y, mt, 30);
             vlm_cpu_set_gemm_min_rows(old);
             vlm_cpu_set_smalln_max_rows(old_small);
-            printf("  n=%3lld  dot-rows %7.1f   small-n %7.1f   gemm %7.1f\n", (long long)cn[i],
+            printf("  n=%3lld  dot-rows %7.1f   small-n %7.1f   gemm %7.1f", (long long)cn[i],
                    flop / t_dot / 1e9, flop / t_small / 1e9, flop / t_gemm / 1e9);
+            if (t_small_bf16 > 0) printf("   small-n vdpbf16ps %7.1f", flop / t_small_bf16 / 1e9);
+            printf("\n");
         }
         free(wd);
     }

@@ -239,11 +239,15 @@ static bool gemm_selftest(void) {
     return ok;
 }
 
-bool vlm_cpu_bf16_selftest(vlm_bf16_kernel k) {
-    ensure_init();
+static bool bf16_selftest(vlm_bf16_kernel k) {
     if (k <= VLM_BF16K_NONE || k >= VLM_BF16K_COUNT || s_best != VLM_CPU_AVX512) return false;
     s_selftest_kind = k;
     return run_guarded(gemm_selftest);
+}
+
+bool vlm_cpu_bf16_selftest(vlm_bf16_kernel k) {
+    ensure_init();
+    return bf16_selftest(k);
 }
 
 static bool avx512bf16_runs(void) {
@@ -255,9 +259,8 @@ static bool avx512bf16_runs(void) {
 
 static bool amx_runs(void) {
     if (s_amx_runs < 0) {
-        s_selftest_kind = VLM_BF16K_AMX;
         s_amx_runs = s_feat_amxbf16 && s_feat_amxtile && s_best == VLM_CPU_AVX512 && vlm_amx_request() &&
-                     run_guarded(gemm_selftest);
+                     bf16_selftest(VLM_BF16K_AMX);
         if (s_feat_amxbf16 && s_feat_amxtile && !s_amx_runs)
             fprintf(stderr, "vlmd: cpuid reports AMX but the tile state or the AMX self-test failed; "
                             "AMX is not used\n");
@@ -265,10 +268,9 @@ static bool amx_runs(void) {
     return s_amx_runs;
 }
 
-bool vlm_cpu_has_avx512bf16(void) {
-    ensure_init();
-    return s_feat_avx512bf16 || s_avx512bf16_runs == 1;
-}
+/* No ensure_init: the GEMM packers ask this from inside the init-time AMX self-test (a nested
+ * pthread_once would wait on itself); every kernel entry point has initialised before. */
+bool vlm_cpu_has_avx512bf16(void) { return s_feat_avx512bf16 || s_avx512bf16_runs == 1; }
 
 /* auto: AMX if it runs, else AVX512_BF16 if advertised and faster than FMA, else none */
 static void bf16_auto(void) {
@@ -309,7 +311,8 @@ static int set_bf16_dot(const char *mode) {
         if (!amx_runs()) return -1;
         k = VLM_BF16K_AMX;
     } else if (!strcmp(mode, "amx-emulated")) {
-        if (s_best != VLM_CPU_AVX512) return -1; /* the packers are AVX-512 */
+        /* the same gate as real AMX (and, from VLMD_BF16_DOT, the same init-time call path) */
+        if (!bf16_selftest(VLM_BF16K_AMX_EMULATED)) return -1;
         k = VLM_BF16K_AMX_EMULATED;
     } else {
         return -1;

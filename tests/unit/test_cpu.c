@@ -495,6 +495,13 @@ static void test_describe_threads(void) {
  * them before the first call into the CPU layer. */
 static void test_env_overrides(void) {
     CHECK_EQ_INT(vlm_cpu_active_path(), VLM_CPU_SCALAR);
+    /* amx-emulated from the environment runs the AMX gate's self-test inside the one-time
+     * detection, the call path real AMX takes at init (it must not re-enter initialisation) */
+    if (vlm_cpu_force_path("avx512") == 0) {
+        CHECK_EQ_INT(vlm_cpu_bf16_kernel(), VLM_BF16K_AMX_EMULATED);
+        CHECK(strstr(vlm_cpu_describe(), "bf16_dot=amx-emulated-32x32 (turned on)") != NULL);
+    }
+    CHECK_EQ_INT(vlm_cpu_set_bf16_dot("off"), 0);
     CHECK(strstr(vlm_cpu_describe(), "bf16_dot=off (turned off)") != NULL);
     CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
     CHECK_EQ_INT(vlm_cpu_set_bf16_dot("auto"), 0);
@@ -502,7 +509,7 @@ static void test_env_overrides(void) {
 
 int main(void) {
     setenv("VLMD_CPU_PATH", "scalar", 1);
-    setenv("VLMD_BF16_DOT", "off", 1);
+    setenv("VLMD_BF16_DOT", "amx-emulated", 1);
     vlm_cpu_init(0);
     RUN(test_env_overrides);
     RUN(test_describe_threads);

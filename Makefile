@@ -23,7 +23,7 @@ OPTFLAGS := -O2 -g
 LDSAN    :=
 endif
 
-PKGS     := libmicrohttpd libcjson libpcre2-8 libutf8proc libwebp libcurl
+PKGS     := libmicrohttpd libcjson libpcre2-8 libutf8proc libwebp libcurl libjpeg
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
@@ -69,7 +69,7 @@ BENCH_SRC:= $(filter-out bench/gpu.c,$(BENCH_SRC)) # the GPU bench exists only i
 endif
 BENCH_BIN:= $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
-.PHONY: all info test unit check bench clean
+.PHONY: fuzz-image all info test unit check bench clean
 all: info $(BUILD)/vlmd $(TEST_BIN) $(BENCH_BIN)
 
 info:
@@ -114,7 +114,14 @@ check:
 	$(MAKE) --no-print-directory SANITIZE=1 all
 	bash tests/run.sh check
 
+# libFuzzer target for image decoding (tests/fuzz/README.md); needs clang, not part of check.
+fuzz-image:
+	mkdir -p build-fuzz
+	clang -g -O1 -std=c11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined \
+	    -fno-sanitize=pointer-overflow,nonnull-attribute -fno-sanitize-recover=undefined -I. $(PKG_CFLAGS) \
+	    tests/fuzz/fuzz_image.c vision/image.c $(PKG_LIBS) -lm -o build-fuzz/fuzz_image
+
 clean:
-	rm -rf build build-san build-cuda
+	rm -rf build build-san build-cuda build-fuzz
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

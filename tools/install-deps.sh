@@ -6,7 +6,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     build-essential pkg-config curl ca-certificates python3 python3-pip \
-    libmicrohttpd-dev libcjson-dev libstb-dev libpcre2-dev libutf8proc-dev libwebp-dev \
+    libmicrohttpd-dev libcjson-dev libstb-dev libpcre2-dev libutf8proc-dev libwebp-dev libjpeg62-turbo-dev \
     libopenblas-dev libcurl4-openssl-dev \
     nginx-light haproxy jq >/dev/null
 # nginx-light and haproxy: tests/integration/test_deploy_lb.py runs the deploy/ load-balancer

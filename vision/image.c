@@ -1,21 +1,28 @@
 /* image.c — encoded image bytes -> 8-bit RGB, with every limit checked from the header first.
  *
- * PNG, JPEG, BMP, GIF (first frame) go through stb_image, WebP through libwebp. The header is
- * read first (stbi_info_from_memory / WebPGetFeatures) and width, height, pixel count, aspect
- * ratio and encoded size are checked before any pixel buffer is allocated, so a decompression
- * bomb (a tiny PNG declaring 30000x30000) costs nothing.
+ * PNG, BMP, GIF (first frame) go through stb_image, JPEG through libjpeg-turbo, WebP through
+ * libwebp. The header is read first (stbi_info_from_memory / jpeg_read_header / WebPGetFeatures)
+ * and width, height, pixel count, aspect ratio and encoded size are checked before any pixel
+ * buffer is allocated, so a decompression bomb (a tiny PNG declaring 30000x30000) costs nothing.
+ *
+ * JPEG is not left to stb_image: Debian's stb_image 2.27 writes past a Huffman table on a hostile
+ * DHT segment and reads outside its tables on corrupt entropy data (tests/fuzz/fuzz_image.c found
+ * both within seconds), and libjpeg-turbo is what Pillow decodes with, so the pixels now match the
+ * reference exactly instead of within 2 LSB.
  *
  * Transparency follows the reference version the fixtures record (transformers 5.24
  * convert_to_rgb): any image with alpha is composited onto opaque white with Pillow's integer
  * alpha_composite; opaque images are unchanged (the formula is the identity at alpha 255), and
  * gray / palette images are expanded to RGB the way PIL's convert("RGB") does. */
 #include <limits.h>
+#include <setjmp.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <jpeglib.h>
 #include <webp/decode.h>
 
 #include "vision/vis_internal.h"
@@ -42,7 +49,6 @@ static void *vis_stb_realloc(void *p, size_t n) {
 #define STBI_NO_LINEAR
 #define STBI_NO_HDR
 #define STBI_ONLY_PNG
-#define STBI_ONLY_JPEG
 #define STBI_ONLY_BMP
 #define STBI_ONLY_GIF
 #define STB_IMAGE_IMPLEMENTATION
@@ -135,6 +141,114 @@ static int header_dims(const uint8_t *b, size_t n, int64_t *w, int64_t *h) {
     return 0;
 }
 
+/* ---- JPEG through libjpeg-turbo ----
+ * Errors longjmp back to decode_jpeg (libjpeg's default error_exit calls exit()); warnings
+ * (corrupt-data recoveries such as a truncated scan, filled with gray like Pillow's decode)
+ * are not printed. A progress monitor caps the number of scans: a progressive JPEG may declare
+ * thousands of tiny scans and cost minutes of CPU for a few kilobytes of input. */
+#define JPEG_MAX_SCANS 1000
+
+typedef struct {
+    struct jpeg_error_mgr pub;
+    struct jpeg_progress_mgr progress;
+    jmp_buf jump;
+    char msg[JMSG_LENGTH_MAX];
+} jpeg_guard;
+
+static void jpeg_on_error(j_common_ptr c) {
+    jpeg_guard *g = (jpeg_guard *)c->err;
+    c->err->format_message(c, g->msg);
+    longjmp(g->jump, 1);
+}
+static void jpeg_on_message(j_common_ptr c) { (void)c; }
+static void jpeg_on_progress(j_common_ptr c) {
+    j_decompress_ptr d = (j_decompress_ptr)c;
+    if (d->input_scan_number > JPEG_MAX_SCANS) {
+        jpeg_guard *g = (jpeg_guard *)c->err;
+        snprintf(g->msg, sizeof g->msg, "more than %d scans", JPEG_MAX_SCANS);
+        longjmp(g->jump, 1);
+    }
+}
+
+static int is_jpeg(const uint8_t *b, size_t n) { return n >= 3 && b[0] == 0xFF && b[1] == 0xD8 && b[2] == 0xFF; }
+
+/* Pillow's CMYK -> RGB (Convert.c cmyk2rgb): nk = 255 - k; out = nk - c * nk / 255, rounded. */
+static uint8_t cmyk_channel(unsigned c, unsigned k) {
+    const unsigned nk = 255 - k, t = c * nk + 128;
+    const int v = (int)nk - (int)((t + (t >> 8)) >> 8);
+    return (uint8_t)(v < 0 ? 0 : v);
+}
+
+static vlm_status decode_jpeg(const uint8_t *bytes, size_t n, const vlm_img_limits *lim, vlm_image *out,
+                              char *err, size_t errlen) {
+    struct jpeg_decompress_struct d;
+    jpeg_guard g;
+    memset(&g, 0, sizeof g);
+    d.err = jpeg_std_error(&g.pub);
+    g.pub.error_exit = jpeg_on_error;
+    g.pub.output_message = jpeg_on_message;
+    uint8_t *volatile rgb = NULL, *volatile row = NULL;
+    if (setjmp(g.jump)) {
+        jpeg_destroy_decompress(&d);
+        free(rgb);
+        free(row);
+        return vis_err(err, errlen, VLM_E_FORMAT, "corrupt or unsupported JPEG (%s)", g.msg);
+    }
+    jpeg_create_decompress(&d);
+    g.progress.progress_monitor = jpeg_on_progress;
+    d.progress = &g.progress;
+    jpeg_mem_src(&d, bytes, (unsigned long)n);
+    jpeg_read_header(&d, TRUE);
+    vlm_status st = check_dims(d.image_width, d.image_height, lim, "JPEG", err, errlen);
+    if (st != VLM_OK) {
+        jpeg_destroy_decompress(&d);
+        return st;
+    }
+    /* Pillow's defaults: islow IDCT, fancy upsampling; CMYK/YCCK come out as (Adobe-inverted
+     * when marked so) CMYK and are converted below as Pillow's convert("RGB") does */
+    const bool cmyk = d.jpeg_color_space == JCS_CMYK || d.jpeg_color_space == JCS_YCCK;
+    d.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
+    d.dct_method = JDCT_ISLOW;
+    d.do_fancy_upsampling = TRUE;
+    const int64_t w = d.image_width, h = d.image_height;
+    atomic_fetch_add(&g_decoder_bytes, (size_t)(w * h * 3));
+    rgb = malloc((size_t)(w * h * 3));
+    row = malloc((size_t)w * 4);
+    if (!rgb || !row) {
+        jpeg_destroy_decompress(&d);
+        free(rgb);
+        free(row);
+        return vis_err(err, errlen, VLM_E_NOMEM, "out of memory for %lldx%lld image", (long long)w, (long long)h);
+    }
+    jpeg_start_decompress(&d);
+    if ((int64_t)d.output_width != w || (int64_t)d.output_height != h ||
+        d.output_components != (cmyk ? 4 : 3)) {
+        snprintf(g.msg, sizeof g.msg, "unexpected output %ux%u x%d", d.output_width, d.output_height,
+                 d.output_components);
+        longjmp(g.jump, 1);
+    }
+    /* Adobe files store CMYK inverted; Pillow reads those as "CMYK;I" */
+    const bool inverted = cmyk && d.saw_Adobe_marker;
+    while (d.output_scanline < d.output_height) {
+        const int64_t y = d.output_scanline;
+        JSAMPROW r = cmyk ? row : rgb + y * w * 3;
+        if (jpeg_read_scanlines(&d, &r, 1) != 1) break;
+        if (cmyk)
+            for (int64_t x = 0; x < w; x++) {
+                uint8_t c[4];
+                for (int i = 0; i < 4; i++) c[i] = inverted ? (uint8_t)(255 - row[4 * x + i]) : row[4 * x + i];
+                for (int i = 0; i < 3; i++) rgb[(y * w + x) * 3 + i] = cmyk_channel(c[i], c[3]);
+            }
+    }
+    jpeg_finish_decompress(&d);
+    jpeg_destroy_decompress(&d);
+    free(row);
+    out->rgb = rgb;
+    out->width = (int)w;
+    out->height = (int)h;
+    return VLM_OK;
+}
+
 static int is_webp(const uint8_t *b, size_t n) {
     return n >= 12 && !memcmp(b, "RIFF", 4) && !memcmp(b + 8, "WEBP", 4);
 }
@@ -175,6 +289,8 @@ vlm_status vlm_img_decode(const uint8_t *bytes, size_t n, const vlm_img_limits *
         out->height = h;
         return VLM_OK;
     }
+
+    if (is_jpeg(bytes, n)) return decode_jpeg(bytes, n, lim, out, err, errlen);
 
     if (n > INT_MAX) return vis_err(err, errlen, VLM_E_LIMIT, "encoded image too large");
     int w = 0, h = 0, comp = 0;

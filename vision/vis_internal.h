@@ -22,7 +22,7 @@ static inline vlm_status vis_err(char *buf, size_t len, vlm_status st, const cha
     return st;
 }
 
-/* Bytes the image decoders (stb_image, libwebp output) asked for since start-up; lets tests prove
+/* Bytes the image decoders (stb_image, libjpeg-turbo and libwebp output) asked for since start-up; lets tests prove
  * that a refused image never reached the pixel decoder. Monotonic, thread-safe. */
 size_t vlm_img_decoder_bytes(void);
 

@@ -28,7 +28,7 @@ typedef struct {
     uint8_t *rgb; /* [height][width][3], owned */
 } vlm_image;
 
-/* PNG, JPEG, BMP, GIF (first frame) via stb_image, WebP via libwebp. Transparency is composited
+/* PNG, BMP, GIF (first frame) via stb_image, JPEG via libjpeg-turbo, WebP via libwebp. Transparency is composited
  * onto white exactly as transformers 5.24's convert_to_rgb (Pillow alpha_composite) does — the
  * reference the fixtures record; older transformers dropped alpha (SPEC §E.1). Dimensions are
  * checked against the limits from the header before pixels are decoded. VLM_E_FORMAT for corrupt

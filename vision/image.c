@@ -249,6 +249,22 @@ static vlm_status decode_jpeg(const uint8_t *bytes, size_t n, const vlm_img_limi
     return VLM_OK;
 }
 
+/* stb_image grows its IDAT buffer to a chunk's declared length (up to 2 GiB) before checking that
+ * the bytes exist, so a 2 KB PNG declaring a huge IDAT makes it allocate gigabytes
+ * (tests/fuzz/fuzz_image.c). A well-formed PNG never declares a chunk longer than what follows
+ * it, so every chunk up to IEND must fit in the data; 0 otherwise (then it is refused). */
+static int png_chunks_fit(const uint8_t *b, size_t n) {
+    if (n < 8 || memcmp(b, "\x89PNG\r\n\x1a\n", 8) != 0) return 1;
+    size_t p = 8;
+    while (p + 12 <= n) {
+        const uint32_t len = rd_be32(b + p);
+        if (len > n - p - 12) return 0;
+        if (!memcmp(b + p + 4, "IEND", 4)) return 1;
+        p += 12 + (size_t)len;
+    }
+    return 0; /* cut inside a chunk header, or no IEND */
+}
+
 static int is_webp(const uint8_t *b, size_t n) {
     return n >= 12 && !memcmp(b, "RIFF", 4) && !memcmp(b + 8, "WEBP", 4);
 }
@@ -293,6 +309,15 @@ vlm_status vlm_img_decode(const uint8_t *bytes, size_t n, const vlm_img_limits *
     if (is_jpeg(bytes, n)) return decode_jpeg(bytes, n, lim, out, err, errlen);
 
     if (n > INT_MAX) return vis_err(err, errlen, VLM_E_LIMIT, "encoded image too large");
+    if (!png_chunks_fit(bytes, n)) {
+        /* limits first: a cut or lying PNG may still declare a size past them */
+        int64_t hw, hh;
+        if (header_dims(bytes, n, &hw, &hh)) {
+            vlm_status st = check_dims(hw, hh, lim, "the", err, errlen);
+            if (st != VLM_OK) return st;
+        }
+        return vis_err(err, errlen, VLM_E_FORMAT, "corrupt or truncated PNG: a chunk runs past the end of the data");
+    }
     int w = 0, h = 0, comp = 0;
     if (!stbi_info_from_memory(bytes, (int)n, &w, &h, &comp)) {
         /* stb refuses some huge declared sizes itself ("too large"); report those as limit

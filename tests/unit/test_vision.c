@@ -248,21 +248,25 @@ static void test_decode_jpeg_variants(void) {
     }
 }
 
-/* JPEGs that broke stb_image 2.27 (tests/fuzz/fuzz_image.c: a DHT table with more than 256 codes,
- * the same after 0xFF fill bytes, a scan using an undefined Huffman table) are refused cleanly,
- * and a JPEG header declaring 30000x30000 is refused before any pixel buffer exists. */
-static void test_decode_hostile_jpeg(void) {
+/* Files that broke stb_image 2.27 (tests/fuzz/fuzz_image.c: JPEG DHT tables with more than 256
+ * codes, also after 0xFF fill bytes, a scan using an undefined Huffman table; a 1.9 KB PNG whose
+ * IDAT declares ~2 GiB, which stb allocated before reading) are refused cleanly and without any
+ * pixel-decoder allocation; a JPEG header declaring 30000x30000 is refused the same way. */
+static void test_decode_hostile(void) {
     const char *files[] = {"tests/data/images/hostile/jpeg_dht_overflow.jpg",
                            "tests/data/images/hostile/jpeg_dht_overflow_fill.jpg",
-                           "tests/data/images/hostile/jpeg_huff_symbol_oob.jpg"};
+                           "tests/data/images/hostile/jpeg_huff_symbol_oob.jpg",
+                           "tests/data/images/hostile/png_idat_length_2gib.png"};
     char err[256];
     vlm_image img;
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         size_t n;
         uint8_t *b = vt_read_file(files[i], &n);
         CHECK(b != NULL);
         if (!b) continue;
+        const size_t before0 = vlm_img_decoder_bytes();
         CHECKF(vlm_img_decode(b, n, NULL, &img, err, sizeof err) == VLM_E_FORMAT, "%s", files[i]);
+        if (i == 3) CHECK_EQ_INT(vlm_img_decoder_bytes(), before0);
         printf("%s: %s\n", files[i], err);
         free(b);
     }
@@ -502,7 +506,7 @@ int main(void) {
     RUN(test_decode_conversions);
     RUN(test_decode_jpeg);
     RUN(test_decode_jpeg_variants);
-    RUN(test_decode_hostile_jpeg);
+    RUN(test_decode_hostile);
     RUN(test_decode_limits_from_header);
     RUN(test_decode_bad_data);
     RUN(test_pixel_values_vs_transformers);

@@ -250,6 +250,18 @@ T512 void smalln_tile(const float *xp, const uint16_t *w0, const uint16_t *w1, i
     _mm512_storeu_ps(out, reduce16(acc));
 }
 
+/* A tile's sums s[r * 8 + i] (weight row j + r, x row g + i) into y: written for the first k
+ * chunk (tc == 0), added after; rows past n and a missing second column are skipped. */
+static inline void smalln_store(const float *s, int64_t n, int64_t g, int64_t j, bool pair, int64_t tc,
+                                float *y, int64_t ldy) {
+    const int64_t rows = n - g < SMALLN_R ? n - g : SMALLN_R;
+    for (int64_t i = 0; i < rows; i++) {
+        float *yi = y + (g + i) * ldy + j;
+        yi[0] = tc ? yi[0] + s[i] : s[i];
+        if (pair) yi[1] = tc ? yi[1] + s[SMALLN_R + i] : s[SMALLN_R + i];
+    }
+}
+
 /* One 8-row x 2-column tile over the k chunk [tc, te), added into y (written when tc == 0). */
 T512 void smalln_tile_store(const float *xp, int64_t n, int64_t kp, int64_t k, const uint16_t *w,
                             int64_t j, int64_t j1, int64_t g, int64_t tc, int64_t te, float *y, int64_t ldy) {
@@ -259,12 +271,7 @@ T512 void smalln_tile_store(const float *xp, int64_t n, int64_t kp, int64_t k, c
     const uint16_t *p0 = w + jn * k, *p1 = jn + 1 < j1 ? p0 + k : p0;
     float s[16];
     smalln_tile(xp + g * kp, w0, w1, k, tc, te, p0, p1, s); /* group g/8 starts at row g's block 0 */
-    const int64_t rows = n - g < SMALLN_R ? n - g : SMALLN_R;
-    for (int64_t i = 0; i < rows; i++) {
-        float *yi = y + (g + i) * ldy + j;
-        yi[0] = tc ? yi[0] + s[i] : s[i];
-        if (pair) yi[1] = tc ? yi[1] + s[SMALLN_R + i] : s[SMALLN_R + i];
-    }
+    smalln_store(s, n, g, j, pair, tc, y, ldy);
 }
 
 /* Loop order: while the x chunk of all rows fits L1 (n <= 16), each weight pair's chunk is used
@@ -306,11 +313,7 @@ vlm_smalln_pack_x_bf16(const float *x, int64_t n, int64_t k, int64_t i0, int64_t
         for (int64_t b = 0; b < nblk; b++) {
             uint16_t *d = xb + ((i / SMALLN_R) * nblk + b) * (32 * SMALLN_R) + (i % SMALLN_R) * 32;
             const int64_t ne = i >= n ? 0 : k - b * 32 >= 32 ? 32 : k - b * 32;
-            const __mmask16 mlo = ne >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << ne) - 1);
-            const __mmask16 mhi = ne >= 32 ? (__mmask16)0xffff : ne <= 16 ? 0 : (__mmask16)((1u << (ne - 16)) - 1);
-            const float *s = x + (i < n ? i : 0) * k + b * 32;
-            const __m512 lo = _mm512_maskz_loadu_ps(mlo, s), hi = _mm512_maskz_loadu_ps(mhi, s + 16);
-            _mm512_store_si512(d, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_store_si512(d, vlm_bf16x32(x + (i < n ? i : 0) * k + b * 32, ne));
         }
 }
 
@@ -356,12 +359,7 @@ smalln_bf16_tile_store(const uint16_t *xb, int64_t n, int64_t kp, int64_t k, con
     const uint16_t *p0 = w + jn * k, *p1 = jn + 1 < j1 ? p0 + k : p0;
     float s[16];
     smalln_bf16_tile(xb + g * kp, w0, w1, k, tc, te, p0, p1, s);
-    const int64_t rows = n - g < SMALLN_R ? n - g : SMALLN_R;
-    for (int64_t i = 0; i < rows; i++) {
-        float *yi = y + (g + i) * ldy + j;
-        yi[0] = tc ? yi[0] + s[i] : s[i];
-        if (pair) yi[1] = tc ? yi[1] + s[SMALLN_R + i] : s[SMALLN_R + i];
-    }
+    smalln_store(s, n, g, j, pair, tc, y, ldy);
 }
 
 /* Loop order as in vlm_linear_smalln_avx512: weight pair outside while every row's x chunk fits

@@ -356,11 +356,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void pack_a_bf16(
             const float *src = a + (i0 + s * 14 + ii) * lda + p0;
             for (int64_t q0 = 0; q0 < kd; q0 += 16) {
                 const int64_t ne = kc - 2 * q0 < 32 ? kc - 2 * q0 : 32, nq = kd - q0 < 16 ? kd - q0 : 16;
-                const __mmask16 mlo = ne >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << ne) - 1);
-                const __mmask16 mhi = ne >= 32 ? (__mmask16)0xffff : ne <= 16 ? 0 : (__mmask16)((1u << (ne - 16)) - 1);
-                const __m512 lo = _mm512_maskz_loadu_ps(mlo, src + 2 * q0);
-                const __m512 hi = _mm512_maskz_loadu_ps(mhi, src + 2 * q0 + 16);
-                const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lo's 16 in the low half */
+                const __m512i v = vlm_bf16x32(src + 2 * q0, ne);
                 _mm512_mask_i32scatter_epi32(dst + q0 * 14 + ii, (__mmask16)((1u << nq) - 1), idx, v, 4);
             }
         }
@@ -432,14 +428,8 @@ __attribute__((target("avx512f,avx512bw"))) static void pack_b_bf16(const vlm_ge
  * the CPU has it (every AMX CPU does), else with the scalar rounding. */
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void pack_a_amx_row_simd(
     const float *src, int64_t kc, int64_t kdp, float *dst) {
-    for (int64_t q0 = 0; q0 < kdp; q0 += 16) {
-        const int64_t ne = kc - 2 * q0 <= 0 ? 0 : kc - 2 * q0 < 32 ? kc - 2 * q0 : 32;
-        const __mmask16 mlo = ne >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << ne) - 1);
-        const __mmask16 mhi = ne >= 32 ? (__mmask16)0xffff : ne <= 16 ? 0 : (__mmask16)((1u << (ne - 16)) - 1);
-        const __m512 lo = _mm512_maskz_loadu_ps(mlo, src + 2 * q0);
-        const __m512 hi = _mm512_maskz_loadu_ps(mhi, src + 2 * q0 + 16);
-        _mm512_store_si512(dst + q0, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
+    for (int64_t q0 = 0; q0 < kdp; q0 += 16)
+        _mm512_store_si512(dst + q0, vlm_bf16x32(src + 2 * q0, kc - 2 * q0 < 32 ? kc - 2 * q0 : 32));
 }
 static void pack_a_amx(const float *a, int64_t lda, int64_t i0, int64_t mc, int64_t p0, int64_t kc,
                        int64_t kdp, bool simd, float *ap) {

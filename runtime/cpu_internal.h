@@ -198,6 +198,16 @@ __attribute__((target("avx512f"))) static inline __m512 vlm_exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* The first ne (0..32) floats at src rounded to bf16 (nearest even) as 32 bf16 in order, i.e. 16 k
+ * pairs, zero past ne (nothing past ne is read). Used by every AVX512_BF16 packer. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline __m512i vlm_bf16x32(const float *src,
+                                                                                       int64_t ne) {
+    const __mmask16 mlo = ne >= 16 ? (__mmask16)0xffff : ne <= 0 ? 0 : (__mmask16)((1u << ne) - 1);
+    const __mmask16 mhi = ne >= 32 ? (__mmask16)0xffff : ne <= 16 ? 0 : (__mmask16)((1u << (ne - 16)) - 1);
+    const __m512 lo = _mm512_maskz_loadu_ps(mlo, src), hi = _mm512_maskz_loadu_ps(mhi, src + 16);
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lo's 16 in the low half */
+}
+
 /* g[i] = silu(g[i]) * u[i] (SwiGLU), cpu_vec.c: AVX-512 with vlm_exp512 where the path allows,
  * threads for large n. */
 void vlm_swiglu_f32(float *g, const float *u, int64_t n);

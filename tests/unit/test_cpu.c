@@ -176,6 +176,14 @@ static void test_linear_smalln_path(void) {
     }
     const int64_t old = vlm_cpu_set_smalln_max_rows(1 << 20);
     linear_cases("smalln-avx512");
+    /* more than one SMALLN_JB block of weight rows per thread, with a partial last block */
+    double worst = 0;
+    const int64_t big[][3] = {{16, 100, 1100}, {23, 1536, 777}, {9, 33, 2050}};
+    for (int i = 0; i < LEN(big); i++) {
+        const double e = linear_case("smalln-avx512 blocks", VLM_BF16, big[i][0], big[i][1], big[i][2], i % 3, false);
+        if (e > worst) worst = e;
+    }
+    fprintf(stderr, "  smalln-avx512 several row blocks: worst error %.3f of tolerance\n", worst);
     vlm_cpu_set_smalln_max_rows(old);
     CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
 }
@@ -253,6 +261,9 @@ static void test_linear_bf16_kernels(void) {
         vlm_cpu_set_gemm_min_rows(0);
         vlm_cpu_set_smalln_max_rows(1 << 20);
         linear_cases_x("smalln-avx512bf16", 4, true);
+        const int64_t big[][3] = {{16, 100, 1100}, {23, 1536, 777}, {9, 33, 2050}};
+        for (int i = 0; i < LEN(big); i++)
+            linear_case("smalln-avx512bf16 blocks", VLM_BF16, big[i][0], big[i][1], big[i][2], i % 3, true);
     } else {
         fprintf(stderr, "  smalln-avx512bf16: this CPU does not run it, skipped\n");
     }

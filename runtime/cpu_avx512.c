@@ -255,6 +255,44 @@ T512 void smalln_tile(const float *xp, const uint16_t *w0, const uint16_t *w1, i
     _mm512_storeu_ps(out, reduce16(acc));
 }
 
+/* The same tile for a group with at most 4 real rows (n = 4 in batched decode, or the last group of
+ * n = 12, 20, ...): rows 4..7 of the group are zero padding, and the 8-row tile spent half its FMAs
+ * on them. 8 accumulators; out[r * 8 + i] for i < 4, the other lanes zero. */
+T512 void smalln_tile4(const float *xp, const uint16_t *w0, const uint16_t *w1, int64_t k, int64_t t0,
+                       int64_t t1, const uint16_t *pf0, const uint16_t *pf1, float *out) {
+    const __m512i z = _mm512_setzero_si512();
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
+           c13 = c00;
+    for (int64_t t = t0; t < t1; t += 32) {
+        __m512i v0, v1;
+        if (t + 32 <= k) {
+            v0 = _mm512_loadu_si512(w0 + t), v1 = _mm512_loadu_si512(w1 + t);
+        } else {
+            const __mmask32 m = (__mmask32)((1ull << (k - t)) - 1);
+            v0 = _mm512_maskz_loadu_epi16(m, w0 + t), v1 = _mm512_maskz_loadu_epi16(m, w1 + t);
+        }
+        _mm_prefetch((const char *)(pf0 + t), _MM_HINT_T0);
+        _mm_prefetch((const char *)(pf1 + t), _MM_HINT_T0);
+        const __m512 a0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v0));
+        const __m512 b0 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v0));
+        const __m512 a1 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v1));
+        const __m512 b1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v1));
+        const float *x = xp + t * SMALLN_R;
+#define SMALLN4_ROW(i)                                                                            \
+    do {                                                                                          \
+        __m512 xl = _mm512_load_ps(x + (i) * 32), xh = _mm512_load_ps(x + (i) * 32 + 16);         \
+        __asm__("" : "+v"(xl), "+v"(xh));                                                         \
+        c0##i = _mm512_fmadd_ps(xh, b0, _mm512_fmadd_ps(xl, a0, c0##i));                          \
+        c1##i = _mm512_fmadd_ps(xh, b1, _mm512_fmadd_ps(xl, a1, c1##i));                          \
+    } while (0)
+        SMALLN4_ROW(0); SMALLN4_ROW(1); SMALLN4_ROW(2); SMALLN4_ROW(3);
+#undef SMALLN4_ROW
+    }
+    const __m512 zf = _mm512_setzero_ps();
+    const __m512 acc[2 * SMALLN_R] = {c00, c01, c02, c03, zf, zf, zf, zf, c10, c11, c12, c13, zf, zf, zf, zf};
+    _mm512_storeu_ps(out, reduce16(acc));
+}
+
 /* A tile's sums s[r * 8 + i] (weight row j + r, x row g + i) into y: written for the first k
  * chunk (tc == 0), added after; rows past n and a missing second column are skipped. */
 static inline void smalln_store(const float *s, int64_t n, int64_t g, int64_t j, bool pair, int64_t tc,
@@ -275,7 +313,10 @@ T512 void smalln_tile_store(const float *xp, int64_t n, int64_t kp, int64_t k, c
     const int64_t jn = j + 2 < j1 ? j + 2 : j; /* prefetch the next pair's chunk */
     const uint16_t *p0 = w + jn * k, *p1 = jn + 1 < j1 ? p0 + k : p0;
     float s[16];
-    smalln_tile(xp + g * kp, w0, w1, k, tc, te, p0, p1, s); /* group g/8 starts at row g's block 0 */
+    if (n - g <= 4) /* group g/8 starts at row g's block 0 */
+        smalln_tile4(xp + g * kp, w0, w1, k, tc, te, p0, p1, s);
+    else
+        smalln_tile(xp + g * kp, w0, w1, k, tc, te, p0, p1, s);
     smalln_store(s, n, g, j, pair, tc, y, ldy);
 }
 

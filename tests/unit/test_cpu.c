@@ -178,7 +178,9 @@ static void test_linear_smalln_path(void) {
     linear_cases("smalln-avx512");
     /* more than one SMALLN_JB block of weight rows per thread, with a partial last block */
     double worst = 0;
-    const int64_t big[][3] = {{16, 100, 1100}, {23, 1536, 777}, {9, 33, 2050}};
+    /* and groups with at most 4 real rows (the 4-row tile): n = 4, 5, 12, 20 */
+    const int64_t big[][3] = {{16, 100, 1100}, {23, 1536, 777}, {9, 33, 2050}, {4, 1536, 301},
+                              {5, 100, 64}, {12, 47, 600}, {20, 1536, 33}};
     for (int i = 0; i < LEN(big); i++) {
         const double e = linear_case("smalln-avx512 blocks", VLM_BF16, big[i][0], big[i][1], big[i][2], i % 3, false);
         if (e > worst) worst = e;

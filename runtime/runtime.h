@@ -264,8 +264,9 @@ double vlm_rng_uniform(vlm_rng *r); /* [0, 1) */
 void vlm_apply_penalties(const vlm_sampling *s, float *logits, int64_t vocab, const int32_t *ids,
                          int64_t n_prompt, int64_t n_ids);
 /* Chooses the next token from raw logits: penalties, then argmax when temperature == 0, else
- * temperature, top_k, top_p, min_p and a draw from r. Fills ev->token/logprob/top_* (log-softmax of
- * the raw, unpenalised logits) when ev is non-NULL. Returns the token. */
+ * temperature, top_k, top_p, min_p and a draw from r. When ev is non-NULL it gets the token, and
+ * when s->logprobs or s->top_logprobs > 0 also logprob/top_* (log-softmax of the raw, unpenalised
+ * logits; else logprob 0 and n_top 0). Returns the token. */
 int32_t vlm_sample(const vlm_sampling *s, vlm_rng *r, const float *logits, int64_t vocab,
                    const int32_t *ids, int64_t n_prompt, int64_t n_ids, vlm_token_event *ev);
 

@@ -117,6 +117,12 @@ int32_t vlm_sample(const vlm_sampling *s, vlm_rng *r, const float *logits, int64
     }
     if (ev) {
         ev->token = tok;
+        ev->logprob = 0;
+        ev->n_top = 0;
+    }
+    /* The log-softmax is one exp per vocabulary entry (151,936 for Qwen2): ~7% of a batch-16 decode
+     * step when done for every row, so only for requests that report logprobs. */
+    if (ev && (s->logprobs || s->top_logprobs > 0)) {
         double mx = logits[0];
         for (int64_t i = 1; i < vocab; i++) if (logits[i] > mx) mx = logits[i];
         double sum = 0;

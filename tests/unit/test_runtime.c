@@ -137,6 +137,15 @@ static void test_sampling(void) {
     double z = 0;
     for (int i = 0; i < V; i++) z += exp((double)l[i] - 9.0);
     CHECK_NEAR(ev.logprob, -log(z), 1e-5);
+    /* without logprobs or top_logprobs the log-softmax is skipped (it costs ~7% of a batched step) */
+    s.top_logprobs = 0;
+    CHECK_EQ_INT(vlm_sample(&s, &r, l, V, hist, 1, 1, &ev), 417);
+    CHECK(ev.logprob == 0.0f && ev.n_top == 0);
+    s.logprobs = true;
+    CHECK_EQ_INT(vlm_sample(&s, &r, l, V, hist, 1, 1, &ev), 417);
+    CHECK_NEAR(ev.logprob, -log(z), 1e-5);
+    CHECK_EQ_INT(ev.n_top, 0);
+    s.logprobs = false;
     /* top_k = 1 is greedy at any temperature */
     s.temperature = 1.5f;
     s.top_k = 1;

@@ -112,25 +112,11 @@ __attribute__((target("avx2,fma"))) static void ukr_avx2_6x16(int64_t kc, const 
     store_tile(t, 16, c, ldc, mv, nv, acc);
 }
 
-/* ---- AVX-512 micro-kernel, 14 x 32: 28 accumulators + 2 B vectors + 1 broadcast = 31 of the 32
- * zmm registers; per k step 2 loads + 14 broadcasts feed 28 FMAs, enough to keep both FMA ports
- * busy without being load bound. ---- */
-__attribute__((target("avx512f"))) static void ukr_avx512_14x32(int64_t kc, const float *ap,
-                                                                  const float *bp, float *c,
-                                                                  int64_t ldc, int mv, int nv,
-                                                                  bool acc) {
-    __m512 c0[14], c1[14];
-#pragma GCC unroll 14
-    for (int i = 0; i < 14; i++) c0[i] = c1[i] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < kc; p++, ap += 14, bp += 32) {
-        const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
-#pragma GCC unroll 14
-        for (int i = 0; i < 14; i++) {
-            const __m512 a = _mm512_set1_ps(ap[i]);
-            c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
-            c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
-        }
-    }
+/* The 14 x 32 kernels' accumulators c0[i] (columns 0..15) and c1[i] (16..31) of row i into C (=
+ * or +=), only the first mv rows and nv columns: full rows with masked columns straight from the
+ * registers, a row tail through a stack tile. Shared by the f32 and AVX512_BF16 kernels. */
+__attribute__((target("avx512f"), always_inline)) static inline void store_14x32(
+    __m512 *c0, __m512 *c1, float *c, int64_t ldc, int mv, int nv, bool acc) {
     if (mv == 14) {
         /* full rows; columns masked when nv < 32 */
         const __mmask16 k0 = nv >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nv) - 1);
@@ -151,6 +137,28 @@ __attribute__((target("avx512f"))) static void ukr_avx512_14x32(int64_t kc, cons
 #pragma GCC unroll 14
     for (int i = 0; i < 14; i++) _mm512_storeu_ps(t + i * 32, c0[i]), _mm512_storeu_ps(t + i * 32 + 16, c1[i]);
     store_tile(t, 32, c, ldc, mv, nv, acc);
+}
+
+/* ---- AVX-512 micro-kernel, 14 x 32: 28 accumulators + 2 B vectors + 1 broadcast = 31 of the 32
+ * zmm registers; per k step 2 loads + 14 broadcasts feed 28 FMAs, enough to keep both FMA ports
+ * busy without being load bound. ---- */
+__attribute__((target("avx512f"))) static void ukr_avx512_14x32(int64_t kc, const float *ap,
+                                                                  const float *bp, float *c,
+                                                                  int64_t ldc, int mv, int nv,
+                                                                  bool acc) {
+    __m512 c0[14], c1[14];
+#pragma GCC unroll 14
+    for (int i = 0; i < 14; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kc; p++, ap += 14, bp += 32) {
+        const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+#pragma GCC unroll 14
+        for (int i = 0; i < 14; i++) {
+            const __m512 a = _mm512_set1_ps(ap[i]);
+            c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
+            c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+        }
+    }
+    store_14x32(c0, c1, c, ldc, mv, nv, acc);
 }
 
 /* ---- AVX512_BF16 micro-kernel, 14 x 32, for BF16 weights with A rounded to bf16 ----
@@ -174,25 +182,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void ukr_bf16_14x3
             c1[i] = _mm512_dpbf16_ps(c1[i], a, b1);
         }
     }
-    if (mv == 14) {
-        const __mmask16 k0 = nv >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nv) - 1);
-        const __mmask16 k1 = nv >= 32 ? (__mmask16)0xffff : nv <= 16 ? 0 : (__mmask16)((1u << (nv - 16)) - 1);
-#pragma GCC unroll 14
-        for (int i = 0; i < 14; i++) {
-            float *ci = c + i * ldc;
-            if (acc) {
-                c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(k0, ci));
-                c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(k1, ci + 16));
-            }
-            _mm512_mask_storeu_ps(ci, k0, c0[i]);
-            _mm512_mask_storeu_ps(ci + 16, k1, c1[i]);
-        }
-        return;
-    }
-    float t[14 * 32];
-#pragma GCC unroll 14
-    for (int i = 0; i < 14; i++) _mm512_storeu_ps(t + i * 32, c0[i]), _mm512_storeu_ps(t + i * 32 + 16, c1[i]);
-    store_tile(t, 32, c, ldc, mv, nv, acc);
+    store_14x32(c0, c1, c, ldc, mv, nv, acc);
 }
 static const gemm_kernel s_gemm_bf16[] = {
     [VLM_BF16K_AVX512] = {14, 32, ukr_bf16_14x32, "avx512bf16-14x32", PACK_PAIRS, NULL, NULL},

@@ -210,6 +210,39 @@ T512 __m512 reduce16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
 }
 
+/* The next 32 weights of rows w0 and w1 at t (zero past k: masked), and a prefetch of the same
+ * lines of the next pair (pf0, pf1). Shared by the f32 and the vdpbf16ps tiles. */
+T512 void smalln_load_w(const uint16_t *w0, const uint16_t *w1, int64_t k, int64_t t, const uint16_t *pf0,
+                        const uint16_t *pf1, __m512i *v0, __m512i *v1) {
+    if (t + 32 <= k) {
+        *v0 = _mm512_loadu_si512(w0 + t), *v1 = _mm512_loadu_si512(w1 + t);
+    } else {
+        const __mmask32 m = (__mmask32)((1ull << (k - t)) - 1);
+        *v0 = _mm512_maskz_loadu_epi16(m, w0 + t), *v1 = _mm512_maskz_loadu_epi16(m, w1 + t);
+    }
+    _mm_prefetch((const char *)(pf0 + t), _MM_HINT_T0);
+    _mm_prefetch((const char *)(pf1 + t), _MM_HINT_T0);
+}
+
+/* One x row i of the current 32-k block against both widened weight rows (a0/b0, a1/b1), into the
+ * named accumulators c0i and c1i. The empty asm pins each x half in a register: otherwise gcc
+ * folds the load into both FMAs that use it, 34 loads per 32 FMAs, and the kernel was load-port
+ * bound (bench/matmul n=16 in cache: 217 -> 254 GFLOP/s with it; from DRAM the weight stream
+ * still limits). */
+#define SMALLN_ROW(i)                                                                             \
+    do {                                                                                          \
+        __m512 xl = _mm512_load_ps(x + (i) * 32), xh = _mm512_load_ps(x + (i) * 32 + 16);         \
+        __asm__("" : "+v"(xl), "+v"(xh));                                                         \
+        c0##i = _mm512_fmadd_ps(xh, b0, _mm512_fmadd_ps(xl, a0, c0##i));                          \
+        c1##i = _mm512_fmadd_ps(xh, b1, _mm512_fmadd_ps(xl, a1, c1##i));                          \
+    } while (0)
+/* The two weight vectors widened to f32 (lane order matched by vlm_smalln_permute_x). */
+#define SMALLN_WIDEN()                                                                            \
+    const __m512 a0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v0));                          \
+    const __m512 b0 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v0));                          \
+    const __m512 a1 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v1));                          \
+    const __m512 b1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v1))
+
 /* out[r * 8 + i] = the group's x rows i < 8 (xp at the group's block 0) . weight rows w0, w1 over [t0, t1); weights past
  * k read as zero (masked), xp is zero there too. pf0/pf1: rows to prefetch (the next tile's). The
  * accumulators are local and reduced here: passed out through a pointer, gcc kept them in memory
@@ -223,32 +256,11 @@ T512 void smalln_tile(const float *xp, const uint16_t *w0, const uint16_t *w1, i
            c07 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00, c14 = c00, c15 = c00, c16 = c00, c17 = c00;
     for (int64_t t = t0; t < t1; t += 32) {
         __m512i v0, v1;
-        if (t + 32 <= k) {
-            v0 = _mm512_loadu_si512(w0 + t), v1 = _mm512_loadu_si512(w1 + t);
-        } else {
-            const __mmask32 m = (__mmask32)((1ull << (k - t)) - 1);
-            v0 = _mm512_maskz_loadu_epi16(m, w0 + t), v1 = _mm512_maskz_loadu_epi16(m, w1 + t);
-        }
-        _mm_prefetch((const char *)(pf0 + t), _MM_HINT_T0);
-        _mm_prefetch((const char *)(pf1 + t), _MM_HINT_T0);
-        const __m512 a0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v0));
-        const __m512 b0 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v0));
-        const __m512 a1 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v1));
-        const __m512 b1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v1));
+        smalln_load_w(w0, w1, k, t, pf0, pf1, &v0, &v1);
+        SMALLN_WIDEN();
         const float *x = xp + t * SMALLN_R; /* this block's 8 rows x 32, contiguous */
-        /* The empty asm pins each x half in a register: otherwise gcc folds the load into both
-         * FMAs that use it, 34 loads per 32 FMAs, and the kernel was load-port bound (bench/matmul
-         * n=16 in cache: 217 -> 254 GFLOP/s with it; from DRAM the weight stream still limits). */
-#define SMALLN_ROW(i)                                                                             \
-    do {                                                                                          \
-        __m512 xl = _mm512_load_ps(x + (i) * 32), xh = _mm512_load_ps(x + (i) * 32 + 16);         \
-        __asm__("" : "+v"(xl), "+v"(xh));                                                         \
-        c0##i = _mm512_fmadd_ps(xh, b0, _mm512_fmadd_ps(xl, a0, c0##i));                          \
-        c1##i = _mm512_fmadd_ps(xh, b1, _mm512_fmadd_ps(xl, a1, c1##i));                          \
-    } while (0)
         SMALLN_ROW(0); SMALLN_ROW(1); SMALLN_ROW(2); SMALLN_ROW(3);
         SMALLN_ROW(4); SMALLN_ROW(5); SMALLN_ROW(6); SMALLN_ROW(7);
-#undef SMALLN_ROW
     }
     const __m512 acc[2 * SMALLN_R] = {c00, c01, c02, c03, c04, c05, c06, c07,
                                       c10, c11, c12, c13, c14, c15, c16, c17};
@@ -265,33 +277,17 @@ T512 void smalln_tile4(const float *xp, const uint16_t *w0, const uint16_t *w1, 
            c13 = c00;
     for (int64_t t = t0; t < t1; t += 32) {
         __m512i v0, v1;
-        if (t + 32 <= k) {
-            v0 = _mm512_loadu_si512(w0 + t), v1 = _mm512_loadu_si512(w1 + t);
-        } else {
-            const __mmask32 m = (__mmask32)((1ull << (k - t)) - 1);
-            v0 = _mm512_maskz_loadu_epi16(m, w0 + t), v1 = _mm512_maskz_loadu_epi16(m, w1 + t);
-        }
-        _mm_prefetch((const char *)(pf0 + t), _MM_HINT_T0);
-        _mm_prefetch((const char *)(pf1 + t), _MM_HINT_T0);
-        const __m512 a0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v0));
-        const __m512 b0 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v0));
-        const __m512 a1 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v1));
-        const __m512 b1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v1));
+        smalln_load_w(w0, w1, k, t, pf0, pf1, &v0, &v1);
+        SMALLN_WIDEN();
         const float *x = xp + t * SMALLN_R;
-#define SMALLN4_ROW(i)                                                                            \
-    do {                                                                                          \
-        __m512 xl = _mm512_load_ps(x + (i) * 32), xh = _mm512_load_ps(x + (i) * 32 + 16);         \
-        __asm__("" : "+v"(xl), "+v"(xh));                                                         \
-        c0##i = _mm512_fmadd_ps(xh, b0, _mm512_fmadd_ps(xl, a0, c0##i));                          \
-        c1##i = _mm512_fmadd_ps(xh, b1, _mm512_fmadd_ps(xl, a1, c1##i));                          \
-    } while (0)
-        SMALLN4_ROW(0); SMALLN4_ROW(1); SMALLN4_ROW(2); SMALLN4_ROW(3);
-#undef SMALLN4_ROW
+        SMALLN_ROW(0); SMALLN_ROW(1); SMALLN_ROW(2); SMALLN_ROW(3);
     }
     const __m512 zf = _mm512_setzero_ps();
     const __m512 acc[2 * SMALLN_R] = {c00, c01, c02, c03, zf, zf, zf, zf, c10, c11, c12, c13, zf, zf, zf, zf};
     _mm512_storeu_ps(out, reduce16(acc));
 }
+#undef SMALLN_ROW
+#undef SMALLN_WIDEN
 
 /* A tile's sums s[r * 8 + i] (weight row j + r, x row g + i) into y: written for the first k
  * chunk (tc == 0), added after; rows past n and a missing second column are skipped. */
@@ -305,44 +301,66 @@ static inline void smalln_store(const float *s, int64_t n, int64_t g, int64_t j,
     }
 }
 
-/* One 8-row x 2-column tile over the k chunk [tc, te), added into y (written when tc == 0). */
-T512 void smalln_tile_store(const float *xp, int64_t n, int64_t kp, int64_t k, const uint16_t *w,
-                            int64_t j, int64_t j1, int64_t g, int64_t tc, int64_t te, float *y, int64_t ldy) {
+/* A tile kernel for the driver below: out[r * 8 + i] = x row g + i . weight row w0 (r = 0) / w1
+ * (r = 1) over [t0, t1), xg the group's block 0, rows the group's real rows (at most 8). */
+typedef void (*smalln_tile_fn)(const void *xg, int64_t rows, const uint16_t *w0, const uint16_t *w1,
+                               int64_t k, int64_t t0, int64_t t1, const uint16_t *pf0,
+                               const uint16_t *pf1, float *out);
+
+__attribute__((target("avx512f,avx512bw"), always_inline)) static inline void smalln_tile_f32(
+    const void *xg, int64_t rows, const uint16_t *w0, const uint16_t *w1, int64_t k, int64_t t0,
+    int64_t t1, const uint16_t *pf0, const uint16_t *pf1, float *out) {
+    if (rows <= 4)
+        smalln_tile4(xg, w0, w1, k, t0, t1, pf0, pf1, out);
+    else
+        smalln_tile(xg, w0, w1, k, t0, t1, pf0, pf1, out);
+}
+
+/* One 8-row x 2-column tile (x rows g.., weight rows j, j+1) over the k chunk [tc, te), into y. */
+__attribute__((always_inline)) static inline void smalln_one(smalln_tile_fn tile, const void *x, size_t esz, int64_t n, int64_t kp,
+                              int64_t k, const uint16_t *w, int64_t j, int64_t j1, int64_t g, int64_t tc,
+                              int64_t te, float *y, int64_t ldy) {
     const bool pair = j + 1 < j1;
     const uint16_t *w0 = w + j * k, *w1 = pair ? w0 + k : w0;
     const int64_t jn = j + 2 < j1 ? j + 2 : j; /* prefetch the next pair's chunk */
     const uint16_t *p0 = w + jn * k, *p1 = jn + 1 < j1 ? p0 + k : p0;
     float s[16];
-    if (n - g <= 4) /* group g/8 starts at row g's block 0 */
-        smalln_tile4(xp + g * kp, w0, w1, k, tc, te, p0, p1, s);
-    else
-        smalln_tile(xp + g * kp, w0, w1, k, tc, te, p0, p1, s);
+    /* group g / 8 starts at row g's block 0 */
+    tile((const char *)x + (size_t)(g * kp) * esz, n - g, w0, w1, k, tc, te, p0, p1, s);
     smalln_store(s, n, g, j, pair, tc, y, ldy);
 }
 
-/* Loop order: while the x chunk of all rows fits L1 (n <= 8), each weight pair's chunk is used
- * by every row group right after it arrives (weights read once from memory). For larger n the
- * row groups go inside blocks of SMALLN_JB weight rows, so one group's x chunk stays in L1 while
- * it runs over the block and the later groups find the block in L2. */
-__attribute__((target("avx512f,avx512bw"))) void
-vlm_linear_smalln_avx512(const float *xp, int64_t n, int64_t npad, int64_t kp, int64_t k,
-                         const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy) {
-    const bool x_in_l1 = npad * SMALLN_KC * (int64_t)sizeof(float) <= 32768;
-    for (int64_t tc = 0; tc < k; tc += SMALLN_KC) {
-        const int64_t te = tc + SMALLN_KC < kp ? tc + SMALLN_KC : kp;
+/* y[i * ldy + j] = x row i . W row j for i < n, j0 <= j < j1, x in the tile kernel's layout (esz
+ * bytes per element, npad x kp), k in chunks of kc. Loop order: while the x chunk of all rows fits
+ * L1 (32 KiB: n <= 8 for f32, n <= 16 for bf16), each weight pair's chunk is used by every row
+ * group right after it arrives (weights read once from memory). Beyond that the row groups go
+ * inside blocks of SMALLN_JB weight rows, so one group's x chunk stays in L1 while it runs over the
+ * block and the later groups find the block in L2. Inlined into each entry point, so the tile
+ * call is direct there (as an indirect call per tile it cost ~4% in cache). */
+__attribute__((always_inline)) static inline void smalln_drive(smalln_tile_fn tile, const void *x, size_t esz, int64_t kc, int64_t n,
+                         int64_t npad, int64_t kp, int64_t k, const uint16_t *w, int64_t j0, int64_t j1,
+                         float *y, int64_t ldy) {
+    const bool x_in_l1 = npad * kc * (int64_t)esz <= 32768;
+    for (int64_t tc = 0; tc < k; tc += kc) {
+        const int64_t te = tc + kc < kp ? tc + kc : kp;
         if (x_in_l1) {
             for (int64_t j = j0; j < j1; j += 2)
                 for (int64_t g = 0; g < npad; g += SMALLN_R)
-                    smalln_tile_store(xp, n, kp, k, w, j, j1, g, tc, te, y, ldy);
+                    smalln_one(tile, x, esz, n, kp, k, w, j, j1, g, tc, te, y, ldy);
         } else {
             for (int64_t jb = j0; jb < j1; jb += SMALLN_JB) {
                 const int64_t je = jb + SMALLN_JB < j1 ? jb + SMALLN_JB : j1;
                 for (int64_t g = 0; g < npad; g += SMALLN_R)
                     for (int64_t j = jb; j < je; j += 2)
-                        smalln_tile_store(xp, n, kp, k, w, j, j1, g, tc, te, y, ldy);
+                        smalln_one(tile, x, esz, n, kp, k, w, j, j1, g, tc, te, y, ldy);
             }
         }
     }
+}
+
+__attribute__((target("avx512f,avx512bw"))) void vlm_linear_smalln_avx512(const float *xp, int64_t n, int64_t npad, int64_t kp, int64_t k,
+                              const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy) {
+    smalln_drive(smalln_tile_f32, xp, sizeof(float), SMALLN_KC, n, npad, kp, k, w, j0, j1, y, ldy);
 }
 
 /* ---- small-n BF16 linear with AVX512_BF16 (vdpbf16ps), for CPUs where the throughput probe
@@ -372,15 +390,9 @@ smalln_bf16_tile(const uint16_t *xb, const uint16_t *w0, const uint16_t *w1, int
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c04 = c00, c05 = c00, c06 = c00,
            c07 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00, c14 = c00, c15 = c00, c16 = c00, c17 = c00;
     for (int64_t t = t0; t < t1; t += 32) {
-        __m512bh v0, v1;
-        if (t + 32 <= k) {
-            v0 = (__m512bh)_mm512_loadu_si512(w0 + t), v1 = (__m512bh)_mm512_loadu_si512(w1 + t);
-        } else { /* the weights past k read as zero; so does x */
-            const __mmask32 m = (__mmask32)((1ull << (k - t)) - 1);
-            v0 = (__m512bh)_mm512_maskz_loadu_epi16(m, w0 + t), v1 = (__m512bh)_mm512_maskz_loadu_epi16(m, w1 + t);
-        }
-        _mm_prefetch((const char *)(pf0 + t), _MM_HINT_T0);
-        _mm_prefetch((const char *)(pf1 + t), _MM_HINT_T0);
+        __m512i v0i, v1i;
+        smalln_load_w(w0, w1, k, t, pf0, pf1, &v0i, &v1i); /* past k zero; so is x */
+        const __m512bh v0 = (__m512bh)v0i, v1 = (__m512bh)v1i;
         const uint16_t *x = xb + t * SMALLN_R; /* this block's 8 rows x 32 bf16 */
 #define SMALLN_BF16_ROW(i)                                                                        \
     do {                                                                                          \
@@ -398,38 +410,14 @@ smalln_bf16_tile(const uint16_t *xb, const uint16_t *w0, const uint16_t *w1, int
     _mm512_storeu_ps(out, reduce16(acc));
 }
 
-/* One 8-row x 2-column tile over [tc, te), added into y (written when tc == 0). */
-__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inline void
-smalln_bf16_tile_store(const uint16_t *xb, int64_t n, int64_t kp, int64_t k, const uint16_t *w,
-                       int64_t j, int64_t j1, int64_t g, int64_t tc, int64_t te, float *y, int64_t ldy) {
-    const bool pair = j + 1 < j1;
-    const uint16_t *w0 = w + j * k, *w1 = pair ? w0 + k : w0;
-    const int64_t jn = j + 2 < j1 ? j + 2 : j; /* prefetch the next pair's chunk */
-    const uint16_t *p0 = w + jn * k, *p1 = jn + 1 < j1 ? p0 + k : p0;
-    float s[16];
-    smalln_bf16_tile(xb + g * kp, w0, w1, k, tc, te, p0, p1, s);
-    smalln_store(s, n, g, j, pair, tc, y, ldy);
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inline void smalln_tile_bf16(
+    const void *xg, int64_t rows, const uint16_t *w0, const uint16_t *w1, int64_t k, int64_t t0,
+    int64_t t1, const uint16_t *pf0, const uint16_t *pf1, float *out) {
+    (void)rows; /* padding rows cost little next to the halved instruction count */
+    smalln_bf16_tile(xg, w0, w1, k, t0, t1, pf0, pf1, out);
 }
 
-/* Loop order as in vlm_linear_smalln_avx512: weight pair outside while every row's x chunk fits
- * L1 (n <= 16 at KC 1024: 32 KiB of bf16), row groups outside beyond that. */
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void
-vlm_linear_smalln_bf16(const uint16_t *xb, int64_t n, int64_t npad, int64_t kp, int64_t k,
-                       const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy) {
-    const bool x_in_l1 = npad * SMALLN_BF16_KC * 2 <= 32768;
-    for (int64_t tc = 0; tc < k; tc += SMALLN_BF16_KC) {
-        const int64_t te = tc + SMALLN_BF16_KC < kp ? tc + SMALLN_BF16_KC : kp;
-        if (x_in_l1) {
-            for (int64_t j = j0; j < j1; j += 2)
-                for (int64_t g = 0; g < npad; g += SMALLN_R)
-                    smalln_bf16_tile_store(xb, n, kp, k, w, j, j1, g, tc, te, y, ldy);
-        } else {
-            for (int64_t jb = j0; jb < j1; jb += SMALLN_JB) {
-                const int64_t je = jb + SMALLN_JB < j1 ? jb + SMALLN_JB : j1;
-                for (int64_t g = 0; g < npad; g += SMALLN_R)
-                    for (int64_t j = jb; j < je; j += 2)
-                        smalln_bf16_tile_store(xb, n, kp, k, w, j, j1, g, tc, te, y, ldy);
-            }
-        }
-    }
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void vlm_linear_smalln_bf16(const uint16_t *xb, int64_t n, int64_t npad, int64_t kp, int64_t k,
+                            const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy) {
+    smalln_drive(smalln_tile_bf16, xb, sizeof(uint16_t), SMALLN_BF16_KC, n, npad, kp, k, w, j0, j1, y, ldy);
 }

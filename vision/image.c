@@ -265,6 +265,15 @@ static int png_chunks_fit(const uint8_t *b, size_t n) {
     return 0; /* cut inside a chunk header, or no IEND */
 }
 
+/* The limits applied to the size a PNG/GIF/BMP header declares, for data stb will not decode:
+ * a violation is reported as such rather than as corrupt data. VLM_OK when within the limits or
+ * no size can be read. */
+static vlm_status header_limits(const uint8_t *b, size_t n, const vlm_img_limits *lim, char *err,
+                                size_t errlen) {
+    int64_t w, h;
+    return header_dims(b, n, &w, &h) ? check_dims(w, h, lim, "the", err, errlen) : VLM_OK;
+}
+
 static int is_webp(const uint8_t *b, size_t n) {
     return n >= 12 && !memcmp(b, "RIFF", 4) && !memcmp(b + 8, "WEBP", 4);
 }
@@ -311,22 +320,16 @@ vlm_status vlm_img_decode(const uint8_t *bytes, size_t n, const vlm_img_limits *
     if (n > INT_MAX) return vis_err(err, errlen, VLM_E_LIMIT, "encoded image too large");
     if (!png_chunks_fit(bytes, n)) {
         /* limits first: a cut or lying PNG may still declare a size past them */
-        int64_t hw, hh;
-        if (header_dims(bytes, n, &hw, &hh)) {
-            vlm_status st = check_dims(hw, hh, lim, "the", err, errlen);
-            if (st != VLM_OK) return st;
-        }
+        vlm_status st = header_limits(bytes, n, lim, err, errlen);
+        if (st != VLM_OK) return st;
         return vis_err(err, errlen, VLM_E_FORMAT, "corrupt or truncated PNG: a chunk runs past the end of the data");
     }
     int w = 0, h = 0, comp = 0;
     if (!stbi_info_from_memory(bytes, (int)n, &w, &h, &comp)) {
         /* stb refuses some huge declared sizes itself ("too large"); report those as limit
          * violations, with the size read from the header, rather than as corrupt data. */
-        int64_t hw, hh;
-        if (header_dims(bytes, n, &hw, &hh)) {
-            vlm_status st = check_dims(hw, hh, lim, "the", err, errlen);
-            if (st != VLM_OK) return st;
-        }
+        vlm_status st = header_limits(bytes, n, lim, err, errlen);
+        if (st != VLM_OK) return st;
         return vis_err(err, errlen, VLM_E_FORMAT,
                        "unrecognised or corrupt image header (PNG, JPEG, BMP, GIF, WebP accepted)");
     }

@@ -167,6 +167,12 @@ static void test_linear_every_path(void) {
     vlm_cpu_set_smalln_max_rows(old_small);
 }
 
+/* Small-n shapes {n, k, m} beyond the table: more than one SMALLN_JB block of weight rows per
+ * thread with a partial last block, and groups with at most 4 real rows (the 4-row tile): n = 4,
+ * 5, 12, 20. */
+static const int64_t SMALLN_SHAPES[][3] = {{16, 100, 1100}, {23, 1536, 777}, {9, 33, 2050}, {4, 1536, 301},
+                                           {5, 100, 64},    {12, 47, 600},   {20, 1536, 33}};
+
 /* The small-n bf16 kernel (AVX-512) at every n of the table (odd m, k not a multiple of 32, k < 32,
  * n not a multiple of its 8-row tile, bias). */
 static void test_linear_smalln_path(void) {
@@ -176,13 +182,11 @@ static void test_linear_smalln_path(void) {
     }
     const int64_t old = vlm_cpu_set_smalln_max_rows(1 << 20);
     linear_cases("smalln-avx512");
-    /* more than one SMALLN_JB block of weight rows per thread, with a partial last block */
+    /* SMALLN_SHAPES: several row blocks per thread and the 4-row tile */
     double worst = 0;
-    /* and groups with at most 4 real rows (the 4-row tile): n = 4, 5, 12, 20 */
-    const int64_t big[][3] = {{16, 100, 1100}, {23, 1536, 777}, {9, 33, 2050}, {4, 1536, 301},
-                              {5, 100, 64}, {12, 47, 600}, {20, 1536, 33}};
-    for (int i = 0; i < LEN(big); i++) {
-        const double e = linear_case("smalln-avx512 blocks", VLM_BF16, big[i][0], big[i][1], big[i][2], i % 3, false);
+    for (int i = 0; i < LEN(SMALLN_SHAPES); i++) {
+        const double e = linear_case("smalln-avx512 blocks", VLM_BF16, SMALLN_SHAPES[i][0], SMALLN_SHAPES[i][1],
+                                     SMALLN_SHAPES[i][2], i % 3, false);
         if (e > worst) worst = e;
     }
     fprintf(stderr, "  smalln-avx512 several row blocks: worst error %.3f of tolerance\n", worst);
@@ -263,9 +267,9 @@ static void test_linear_bf16_kernels(void) {
         vlm_cpu_set_gemm_min_rows(0);
         vlm_cpu_set_smalln_max_rows(1 << 20);
         linear_cases_x("smalln-avx512bf16", 4, true);
-        const int64_t big[][3] = {{16, 100, 1100}, {23, 1536, 777}, {9, 33, 2050}};
-        for (int i = 0; i < LEN(big); i++)
-            linear_case("smalln-avx512bf16 blocks", VLM_BF16, big[i][0], big[i][1], big[i][2], i % 3, true);
+        for (int i = 0; i < LEN(SMALLN_SHAPES); i++)
+            linear_case("smalln-avx512bf16 blocks", VLM_BF16, SMALLN_SHAPES[i][0], SMALLN_SHAPES[i][1],
+                        SMALLN_SHAPES[i][2], i % 3, true);
     } else {
         fprintf(stderr, "  smalln-avx512bf16: this CPU does not run it, skipped\n");
     }

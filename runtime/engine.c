@@ -13,6 +13,12 @@
  * than the one asking) loses all of them; its tokens so far are kept and recomputed when it is
  * scheduled again, so the output is unchanged. Decoder math follows SPEC §B/§C exactly in f32.
  *
+ * Prefix cache (kv_pages.c): when a sequence starts or resumes, its leading full pages whose content
+ * (tokens, positions, image embeddings, and everything before them) was computed before are taken from
+ * the cache instead of recomputed; every page a sequence fills is offered to later prompts. A shared
+ * system prompt, a multi-turn chat's history, n > 1 choices and a preempted sequence's own pages are
+ * the cases this saves.
+ *
  * Backends and tensor parallelism: the layer loop (rank_forward) is written against the backend
  * operation table of backend.h and runs once per rank on that rank's weight shard: q/k/v/gate/up
  * column-parallel, o/down row-parallel followed by an all-reduce, embedding and LM head
@@ -40,6 +46,10 @@ typedef struct seq {
     int64_t *img_row;      /* [n_prompt] row in img or -1 */
     int32_t *pages;        /* page table */
     int64_t n_pages, cap_pages;
+    uint64_t *key;         /* [cap_pages] prefix-cache keys of full pages, computed lazily */
+    int64_t n_keyed;
+    bool started;          /* scheduled at least once */
+    int64_t n_reused;      /* prompt tokens taken from the prefix cache when first scheduled */
     vlm_sampling sp;
     vlm_rng rng;
     int max_tokens, n_gen;
@@ -79,8 +89,8 @@ struct vlm_engine {
     vlm_engine_opts o;
     int tp;
     int64_t n_pages;
-    int32_t *free_pages;
-    int64_t n_free;
+    vlm_page_pool *pool;
+    int64_t pc_query_tokens, pc_hit_tokens; /* prompt tokens at first scheduling, and of those reused */
     seq **seqs;                  /* in arrival order */
     int n_seqs, cap_seqs;
     uint64_t next_id;
@@ -117,7 +127,8 @@ struct vlm_engine {
 
 static void seq_free(seq *s) {
     if (!s) return;
-    free(s->tok); free(s->pos); free(s->img); free(s->img_row); free(s->pages); free(s->stop); free(s->logits);
+    free(s->tok); free(s->pos); free(s->img); free(s->img_row); free(s->pages); free(s->key); free(s->stop);
+    free(s->logits);
     free(s);
 }
 
@@ -389,7 +400,7 @@ vlm_status vlm_engine_create(vlm_model *m, const vlm_engine_opts *opts, vlm_engi
         return st;
     }
     /* ---- host state ---- */
-    e->free_pages = malloc((size_t)e->n_pages * sizeof *e->free_pages);
+    e->pool = vlm_pages_create(e->n_pages, e->o.page_tokens, !e->o.no_prefix_cache);
     e->logits = malloc((size_t)e->o.max_seqs * (size_t)V * sizeof(float));
     e->row_seq = malloc((size_t)R * sizeof *e->row_seq);
     e->row_idx = malloc((size_t)R * sizeof *e->row_idx);
@@ -401,13 +412,11 @@ vlm_status vlm_engine_create(vlm_model *m, const vlm_engine_opts *opts, vlm_engi
     e->img_src = malloc((size_t)R * sizeof *e->img_src);
     e->aseq = malloc((size_t)e->o.max_seqs * sizeof *e->aseq);
     e->sample_rows = malloc((size_t)e->o.max_seqs * sizeof *e->sample_rows);
-    if (!e->free_pages || !e->logits || !e->row_seq || !e->row_idx || !e->row_ids || !e->row_slot || !e->h_cs ||
+    if (!e->pool || !e->logits || !e->row_seq || !e->row_idx || !e->row_ids || !e->row_slot || !e->h_cs ||
         !e->h_sn || !e->img_rows || !e->img_src || !e->aseq || !e->sample_rows) {
         vlm_engine_free(e);
         return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory for the engine");
     }
-    for (int64_t i = 0; i < e->n_pages; i++) e->free_pages[i] = (int32_t)(e->n_pages - 1 - i);
-    e->n_free = e->n_pages;
     e->next_id = 1;
     /* ---- ranks ---- */
     if (o.backend == VLM_BACKEND_CUDA) {
@@ -456,7 +465,7 @@ void vlm_engine_free(vlm_engine *e) {
     vlm_cpu_comm_free(e->comm);
     for (int i = 0; i < e->n_seqs; i++) seq_free(e->seqs[i]);
     free(e->seqs);
-    free(e->free_pages);
+    vlm_pages_free(e->pool);
     free(e->logits); free(e->row_seq); free(e->row_idx); free(e->done_logits);
     free(e->row_ids); free(e->row_slot); free(e->h_cs); free(e->h_sn); free(e->img_rows); free(e->img_src);
     free(e->aseq); free(e->sample_rows);
@@ -466,10 +475,11 @@ void vlm_engine_free(vlm_engine *e) {
 void vlm_engine_describe(const vlm_engine *e, char *buf, size_t len) {
     snprintf(buf, len,
              "backend %s, tp %d; per rank: weights %.1f MiB, KV %lld B/token, %lld KV pages of %d tokens "
-             "(%lld tokens, %.1f MiB), work buffers %.1f MiB",
+             "(%lld tokens, %.1f MiB), prefix cache %s, work buffers %.1f MiB",
              vlm_backend_name(e->o.backend), e->tp, (double)e->weight_bytes_rank / 1048576.0,
              (long long)e->kv_token_bytes_rank, (long long)e->n_pages, e->o.page_tokens,
              (long long)(e->n_pages * e->o.page_tokens), (double)(e->n_pages * e->page_bytes_rank) / 1048576.0,
+             vlm_pages_cache_on(e->pool) ? "on" : "off",
              (double)e->work_bytes_rank / 1048576.0);
 }
 
@@ -523,10 +533,11 @@ vlm_status vlm_engine_add(vlm_engine *e, const vlm_seq_desc *d, uint64_t *seq_id
     s->img_row = malloc((size_t)d->n_prompt * sizeof *s->img_row);
     s->cap_pages = pages_for(e, total);
     s->pages = malloc((size_t)s->cap_pages * sizeof *s->pages);
+    s->key = malloc((size_t)s->cap_pages * sizeof *s->key);
     if (n_rows) s->img = malloc((size_t)(n_rows * c->hidden) * sizeof(float));
     if (d->n_stop_ids > 0) s->stop = malloc((size_t)d->n_stop_ids * sizeof *s->stop);
     if (d->want_logits) s->logits = malloc((size_t)c->vocab * sizeof(float));
-    if (!s->tok || !s->pos || !s->img_row || !s->pages || (n_rows && !s->img) || (d->n_stop_ids > 0 && !s->stop) ||
+    if (!s->tok || !s->pos || !s->img_row || !s->pages || !s->key || (n_rows && !s->img) || (d->n_stop_ids > 0 && !s->stop) ||
         (d->want_logits && !s->logits)) {
         seq_free(s);
         return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory");
@@ -590,7 +601,10 @@ const float *vlm_engine_logits(const vlm_engine *e, uint64_t id) {
 void vlm_engine_get_stats(const vlm_engine *e, vlm_engine_stats *st) {
     memset(st, 0, sizeof *st);
     st->kv_pages_total = e->n_pages;
-    st->kv_pages_used = e->n_pages - e->n_free;
+    st->kv_pages_used = vlm_pages_held(e->pool);
+    st->kv_pages_cached = vlm_pages_idle_cached(e->pool);
+    st->prefix_query_tokens = e->pc_query_tokens;
+    st->prefix_hit_tokens = e->pc_hit_tokens;
     st->page_tokens = e->o.page_tokens;
     for (int i = 0; i < e->n_seqs; i++) {
         if (e->seqs[i]->n_pages > 0) st->running++;
@@ -604,7 +618,9 @@ void vlm_engine_get_stats(const vlm_engine *e, vlm_engine_stats *st) {
 }
 
 static void release_pages(vlm_engine *e, seq *s) {
-    for (int64_t i = 0; i < s->n_pages; i++) e->free_pages[e->n_free++] = s->pages[i];
+    /* last page first: the idle LRU then recycles a sequence's tail before its prefix, which is
+     * the part other prompts are likelier to share */
+    for (int64_t i = s->n_pages - 1; i >= 0; i--) vlm_pages_put(e->pool, s->pages[i]);
     s->n_pages = 0;
     s->n_cached = 0;
 }
@@ -644,6 +660,11 @@ void vlm_embed_rows(const vlm_tensor *emb, const int32_t *ids, int64_t n, float 
 }
 
 typedef struct { seq *s; int64_t start, n; bool sample; } sched;
+
+/* M-RoPE position (t, h, w) of token i: the prompt's precomputed ones, then i + rope delta */
+static inline void seq_pos(const seq *s, int64_t i, int64_t p3[3]) {
+    for (int k = 0; k < 3; k++) p3[k] = i < s->n_prompt ? s->pos[k * s->n_prompt + i] : i + s->delta;
+}
 
 /* One rank's forward over the step's R rows (SPEC §B/§C). Every rank holds the full residual stream
  * x; the partial sums of the row-parallel o/down projections and of the vocab-parallel embedding are
@@ -716,7 +737,7 @@ static void prepare_step(vlm_engine *e, const sched *sc, int n_sc, int64_t R) {
         }
         e->row_slot[r] = (int64_t)s->pages[i / pt] * pt + i % pt;
         int64_t p3[3];
-        for (int k = 0; k < 3; k++) p3[k] = i < s->n_prompt ? s->pos[k * s->n_prompt + i] : i + s->delta;
+        seq_pos(s, i, p3);
         for (int64_t j = 0; j < half; j++) {
             int st = j < sec0 ? 0 : j < sec0 + sec1 ? 1 : 2;
             float ang = (float)p3[st] * m->inv_freq[j];
@@ -747,9 +768,51 @@ static void run_step(vlm_engine *e, const sched *sc, int n_sc, int64_t R) {
 static bool ensure_pages(vlm_engine *e, seq *s, int64_t tokens) {
     int64_t need = pages_for(e, tokens) - s->n_pages;
     if (need <= 0) return true;
-    if (need > e->n_free) return false;
-    for (int64_t i = 0; i < need; i++) s->pages[s->n_pages++] = e->free_pages[--e->n_free];
+    if (need > vlm_pages_available(e->pool)) return false;
+    for (int64_t i = 0; i < need; i++) s->pages[s->n_pages++] = vlm_pages_take(e->pool);
     return true;
+}
+
+/* Prefix-cache key of s's full page j: its rows' token ids, positions and image embedding bits,
+ * chained through page j-1's key, so equal keys mean equal K/V. */
+static uint64_t page_key(vlm_engine *e, seq *s, int64_t j) {
+    const int64_t pt = e->o.page_tokens, H = e->m->cfg.hidden;
+    for (; s->n_keyed <= j; s->n_keyed++) {
+        int64_t q = s->n_keyed;
+        vlm_pkey h;
+        vlm_pkey_begin(e->pool, &h, q ? s->key[q - 1] : 0);
+        for (int64_t i = q * pt; i < (q + 1) * pt; i++) {
+            int64_t p3[3];
+            seq_pos(s, i, p3);
+            vlm_pkey_word(&h, (uint64_t)(uint32_t)s->tok[i]);
+            vlm_pkey_bytes(&h, p3, sizeof p3);
+            if (i < s->n_prompt && s->img_row[i] >= 0)
+                vlm_pkey_bytes(&h, s->img + s->img_row[i] * H, (size_t)H * sizeof(float));
+        }
+        s->key[q] = vlm_pkey_end(&h);
+    }
+    return s->key[j];
+}
+
+/* For a sequence holding no pages (new, or preempted): takes the longest run of its leading full
+ * pages that the cache holds. The page with the last token is never taken, since that row must be
+ * computed for its logits. */
+static void prefix_match(vlm_engine *e, seq *s) {
+    const int64_t pt = e->o.page_tokens;
+    int64_t j = 0;
+    if (vlm_pages_cache_on(e->pool))
+        for (int64_t full = (s->n_tok - 1) / pt; j < full; j++) {
+            int32_t g = vlm_pages_lookup(e->pool, page_key(e, s, j), s->tok + j * pt);
+            if (g < 0) break;
+            s->pages[s->n_pages++] = g;
+        }
+    s->n_cached = j * pt;
+    if (!s->started) {
+        s->started = true;
+        s->n_reused = s->n_cached < s->n_prompt ? s->n_cached : s->n_prompt;
+        e->pc_query_tokens += s->n_prompt;
+        e->pc_hit_tokens += s->n_reused;
+    }
 }
 
 static bool is_stop(const vlm_engine *e, const seq *s, int32_t t) {
@@ -770,6 +833,7 @@ int vlm_engine_step(vlm_engine *e, vlm_token_event *ev, int max_events) {
             ev[n_ev].token = -1;
             ev[n_ev].finish = VLM_FINISH_CANCELLED;
             ev[n_ev].n_prompt = s->n_prompt;
+            ev[n_ev].n_cached_prompt = s->n_reused;
             n_ev++;
             remove_seq(e, i);
         } else i++;
@@ -790,6 +854,10 @@ int vlm_engine_step(vlm_engine *e, vlm_token_event *ev, int max_events) {
             bool already = false;
             for (int k = 0; k < n_sc; k++) if (sc[k].s == s) already = true;
             if (already || remaining <= 0) continue;
+            if (s->n_pages == 0) {
+                prefix_match(e, s);
+                remaining = s->n_tok - s->n_cached;
+            }
             int64_t chunk = remaining < budget ? remaining : budget;
             while (!ensure_pages(e, s, s->n_cached + chunk)) {
                 /* preempt the newest sequence holding pages that is newer than s and not scheduled */
@@ -805,7 +873,7 @@ int vlm_engine_step(vlm_engine *e, vlm_token_event *ev, int max_events) {
             }
             if (pages_for(e, s->n_cached + chunk) > s->n_pages) {
                 /* still no room: shrink the chunk to the pages s holds plus what is free */
-                int64_t room = (s->n_pages + e->n_free) * e->o.page_tokens - s->n_cached;
+                int64_t room = (s->n_pages + vlm_pages_available(e->pool)) * e->o.page_tokens - s->n_cached;
                 if (room <= 0) {
                     if (n_sc == 0 && s->n_pages > 0) { release_pages(e, s); e->preempted_total++; }
                     continue;
@@ -830,9 +898,13 @@ int vlm_engine_step(vlm_engine *e, vlm_token_event *ev, int max_events) {
     run_step(e, sc, n_sc, R);
     int64_t li = 0;
     const int64_t V = e->m->cfg.vocab;
+    const int64_t pt = e->o.page_tokens;
     for (int k = 0; k < n_sc; k++) {
         seq *s = sc[k].s;
         s->n_cached += sc[k].n;
+        if (vlm_pages_cache_on(e->pool))
+            for (int64_t j = sc[k].start / pt; j < s->n_cached / pt; j++)
+                vlm_pages_register(e->pool, s->pages[j], page_key(e, s, j), s->tok + j * pt);
         if (!sc[k].sample) continue;
         const float *lg = e->logits + li * V;
         li++;
@@ -841,6 +913,7 @@ int vlm_engine_step(vlm_engine *e, vlm_token_event *ev, int max_events) {
         memset(E, 0, sizeof *E);
         E->seq_id = s->id;
         E->n_prompt = s->n_prompt;
+        E->n_cached_prompt = s->n_reused;
         int32_t t = vlm_sample(&s->sp, &s->rng, lg, V, s->tok, s->n_prompt, s->n_tok, E);
         s->tok[s->n_tok++] = t;
         s->n_gen++;

@@ -29,4 +29,29 @@ vlm_status vlm_config_parse(const char *dir, vlm_model_config *cfg, vlm_gen_defa
 /* decoder.c: forward helpers */
 void vlm_rms_norm(const float *x, const vlm_tensor *w, float eps, int64_t n, int64_t d, float *y);
 void vlm_embed_rows(const vlm_tensor *e, const int32_t *ids, int64_t n, float *out);
+
+/* kv_pages.c: the KV page pool (free pages, holders per page) and the automatic prefix cache */
+typedef struct vlm_page_pool vlm_page_pool;
+vlm_page_pool *vlm_pages_create(int64_t n_pages, int page_tokens, bool prefix_cache);
+void vlm_pages_free(vlm_page_pool *p);
+bool vlm_pages_cache_on(const vlm_page_pool *p);
+int64_t vlm_pages_available(const vlm_page_pool *p);   /* free + idle cached (recyclable) */
+int64_t vlm_pages_idle_cached(const vlm_page_pool *p); /* registered, held by no sequence */
+int64_t vlm_pages_held(const vlm_page_pool *p);        /* held by at least one sequence */
+/* A page for the caller alone (recycles the least recently used idle cached page when no free one
+ * is left); -1 when none is available. */
+int32_t vlm_pages_take(vlm_page_pool *p);
+/* Drops one holder; the last one returns it to the free list, or to the idle LRU if registered. */
+void vlm_pages_put(vlm_page_pool *p, int32_t page);
+/* The registered page with this key and these page_tokens token ids, with one more holder; -1 if none. */
+int32_t vlm_pages_lookup(vlm_page_pool *p, uint64_t key, const int32_t *tok);
+/* Makes a full page findable by later prompts (no-op when the cache is off, the page is already
+ * registered, or the same content is). */
+void vlm_pages_register(vlm_page_pool *p, int32_t page, uint64_t key, const int32_t *tok);
+/* Page keys: keyed SipHash-2-4 rounds over 64-bit words, chained through the parent page's key. */
+typedef struct { uint64_t v[4], n; } vlm_pkey;
+void vlm_pkey_begin(const vlm_page_pool *p, vlm_pkey *h, uint64_t parent);
+void vlm_pkey_word(vlm_pkey *h, uint64_t m);
+void vlm_pkey_bytes(vlm_pkey *h, const void *data, size_t n);
+uint64_t vlm_pkey_end(vlm_pkey *h);
 #endif

@@ -198,6 +198,7 @@ typedef struct {
     int max_seqs;             /* most sequences resident at once */
     int max_batch_tokens;     /* tokens per step (prefill chunk + decode tokens) */
     int page_tokens;          /* tokens per KV page; 0 => 16 */
+    bool no_prefix_cache;     /* recompute every prompt in full (the prefix cache is on by default) */
     /* tensor parallelism and backend (docs/runtime.md "Backends and tensor parallelism"). With tp = N
      * the decoder is sharded over N ranks (CPU: N rank threads sharing `threads`; CUDA: one GPU per
      * rank); kv_memory_bytes is then the KV pool of EACH rank. Zero values keep a 1-rank CPU engine. */
@@ -252,6 +253,7 @@ typedef struct {
     float top_logprobs[VLM_MAX_TOP_LOGPROBS];
     vlm_finish finish;        /* set on the event that ends the sequence */
     int64_t n_prompt;         /* prompt tokens (for usage) */
+    int64_t n_cached_prompt;  /* of those, read from the prefix cache when the sequence first ran */
 } vlm_token_event;
 
 /* Per-sequence random stream (xoshiro256**), seeded from vlm_sampling.seed. */
@@ -280,6 +282,9 @@ const float *vlm_engine_logits(const vlm_engine *e, uint64_t seq_id);
 
 typedef struct {
     int64_t kv_pages_total, kv_pages_used, page_tokens;
+    int64_t kv_pages_cached;        /* held by no sequence, kept for the prefix cache (reusable) */
+    int64_t prefix_query_tokens;    /* prompt tokens of sequences at their first step */
+    int64_t prefix_hit_tokens;      /* of those, read from the prefix cache */
     int running, waiting, preempted_total;
     /* memory plan (per rank; every rank holds the same amounts) */
     int tp;

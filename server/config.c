@@ -76,6 +76,9 @@ static const opt_t OPTS[] = {
      "let remote image URLs resolve to private, loopback or link-local addresses"},
     {"media-timeout", T_SECONDS, O(media_timeout), 0, 0.1, 1e6,
      "seconds per remote image fetch (default 10)"},
+    {"no-prefix-cache", T_BOOL, O(no_prefix_cache), 0, 0, 0,
+     "recompute every prompt in full; by default KV pages of earlier prompts are reused for a prompt that "
+     "starts with the same tokens and images (usage.prompt_tokens_details.cached_tokens counts them)"},
     {"tp", T_INT, O(tp), 0, 1, VLM_MAX_TP,
      "tensor-parallel ranks: the decoder is sharded over N CPU rank threads or N GPUs (default 1)"},
     {"backend", T_STR, O(backend), S(backend), 0, 0, "compute backend: cpu (default) or cuda (make CUDA=1)"},

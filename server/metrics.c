@@ -167,6 +167,14 @@ char *vlmd_metrics_render(vlmd_metrics *m, double now) {
     double use = m->es.kv_pages_total ? (double)m->es.kv_pages_used / (double)m->es.kv_pages_total : 0;
     sb_printf(&b, "# HELP vlmd_kv_cache_usage Fraction of KV pages in use.\n# TYPE vlmd_kv_cache_usage gauge\n"
                   "vlmd_kv_cache_usage %.4f\n", use);
+    sb_printf(&b, "# HELP vlmd_kv_pages_cached KV pages held by no sequence, kept for the prefix cache.\n"
+                  "# TYPE vlmd_kv_pages_cached gauge\nvlmd_kv_pages_cached %lld\n", (long long)m->es.kv_pages_cached);
+    sb_printf(&b, "# HELP vlmd_prefix_cache_queries_total Prompt tokens looked up in the prefix cache.\n"
+                  "# TYPE vlmd_prefix_cache_queries_total counter\nvlmd_prefix_cache_queries_total %lld\n",
+              (long long)m->es.prefix_query_tokens);
+    sb_printf(&b, "# HELP vlmd_prefix_cache_hits_total Prompt tokens read from the prefix cache.\n"
+                  "# TYPE vlmd_prefix_cache_hits_total counter\nvlmd_prefix_cache_hits_total %lld\n",
+              (long long)m->es.prefix_hit_tokens);
     sb_printf(&b, "# HELP vlmd_prompt_tokens_total Prompt tokens admitted (image tokens included).\n"
                   "# TYPE vlmd_prompt_tokens_total counter\nvlmd_prompt_tokens_total %llu\n",
               (unsigned long long)m->prompt_tokens);

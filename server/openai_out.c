@@ -97,6 +97,8 @@ static cJSON *usage_json(const vlmd_req *r) {
     cJSON_AddNumberToObject(u, "prompt_tokens", (double)r->n_prompt);
     cJSON_AddNumberToObject(u, "completion_tokens", (double)gen);
     cJSON_AddNumberToObject(u, "total_tokens", (double)(r->n_prompt + gen));
+    cJSON *d = cJSON_AddObjectToObject(u, "prompt_tokens_details");
+    cJSON_AddNumberToObject(d, "cached_tokens", (double)r->n_cached_prompt);
     return u;
 }
 

@@ -280,6 +280,7 @@ static void on_event(vlmd_sched *s, const vlm_token_event *ev) {
     if (!c) return; /* a sequence of a request that already left */
     double now = vlmd_now();
     pthread_mutex_lock(&r->mu);
+    if (c == &r->ch[0]) r->n_cached_prompt = ev->n_cached_prompt;
     if (ev->token >= 0 && !c->done) {
         c->n_tokens++;
         vlmd_metrics_tokens(s->m, 0, 1, now);
@@ -371,7 +372,8 @@ static void *engine_main(void *arg) {
                           .kv_memory_bytes = s->cfg->kv_memory,
                           .max_seqs = s->cfg->max_seqs,
                           .max_batch_tokens = s->cfg->max_batch_tokens,
-                          .page_tokens = 0};
+                          .page_tokens = 0,
+                          .no_prefix_cache = s->cfg->no_prefix_cache};
     char err[512];
     vlm_status st = VLM_OK;
     if (vlmd_parallel_opts(s->cfg->tp, s->cfg->backend, s->cfg->gpus, &eo, s->start_err, sizeof s->start_err))

@@ -54,6 +54,7 @@ typedef struct {
     bool allow_remote_media;
     bool allow_private_media;
     double media_timeout;
+    bool no_prefix_cache;     /* engine: recompute every prompt (no KV reuse across requests) */
     char config[1024];
     int tp;                   /* tensor-parallel ranks */
     char backend[16];         /* "cpu" or "cuda" */
@@ -208,6 +209,7 @@ typedef struct vlmd_req {
     cJSON *body;             /* parsed request (params borrow from it) */
     vlmd_prompt prompt;      /* freed by the engine thread once added */
     int64_t n_prompt;
+    int64_t n_cached_prompt; /* prompt tokens the first choice read from the prefix cache */
     int max_tokens;
     char *echo_text;         /* completions echo: the prompt text */
     vlmd_choice *ch;

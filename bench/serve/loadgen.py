@@ -2,14 +2,21 @@
 """loadgen.py — load generator for `vlmd serve` (or any OpenAI-compatible server).
 
 Sends streaming /v1/chat/completions requests at fixed concurrency levels (default 1, 4, 16, 64)
-and reports, per level: requests, aggregate decode tokens/s, time to first token (TTFT) p50/p99 and
-inter-token latency (ITL) p50/p99, plus the speed-up of decode tokens/s over concurrency 1.
+and reports, per level: requests, two aggregate rates, time to first token (TTFT) p50/p99 and
+inter-token latency (ITL) p50/p99, and each rate's speed-up over concurrency 1:
+
+  decode_tok/s  the rate at which the running streams advance: concurrency / mean ITL. This is the
+                batched-decode figure (what llama.cpp's batched-bench reports as S_TG).
+  out_tok/s     end to end: generated tokens over the span from the first token to the last, so
+                the prefill of requests that start inside the span (their TTFT) counts against it.
 Uses only the standard library (asyncio streams, HTTP/1.1, SSE parsing), so it runs anywhere.
 
     python3 bench/serve/loadgen.py --url http://127.0.0.1:8000 --model 2b-size \
         --concurrency 1,4,16,64 --requests-per-level 2x --max-tokens 64
 
-Each request uses a different prompt (and, with --image, an image) and ignore_eos with greedy
+Each request uses a different prompt (unique across levels too, so no level finds another level's
+prompts in the server's prefix cache; the chat template's fixed system prefix is shared, as it is
+between any two real clients), with --image an image, and ignore_eos with greedy
 sampling so every request generates exactly --max-tokens tokens. Tokens are counted from the
 final usage chunk (stream_options.include_usage); inter-token latency is the gap between
 successive content chunks (the server sends one chunk per token unless a stop-string prefix or an
@@ -94,7 +101,7 @@ async def one_request(host, port, path, body, headers):
     return t0, stamps, usage
 
 
-async def run_level(args, conc, n_requests, image_url):
+async def run_level(args, level, conc, n_requests, image_url):
     u = urllib.parse.urlparse(args.url)
     host, port = u.hostname, u.port or 80
     headers = {"Authorization": "Bearer " + args.api_key} if args.api_key else {}
@@ -104,7 +111,7 @@ async def run_level(args, conc, n_requests, image_url):
     async def worker():
         while queue:
             i = queue.pop()
-            text = "Request %d. %s" % (i, args.prompt)
+            text = "Request %d.%d. %s" % (level, i, args.prompt)
             content = [{"type": "text", "text": text}]
             if image_url:
                 content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
@@ -127,9 +134,11 @@ async def run_level(args, conc, n_requests, image_url):
     firsts = [s[0] for _, s, _ in results if s]
     lasts = [s[-1] for _, s, _ in results if s]
     span = (max(lasts) - min(firsts)) if firsts else float("nan")
+    itl_mean = statistics.fmean(itl) if itl else float("nan")
     return {"concurrency": conc, "requests": len(results), "errors": len(errors), "wall_s": wall,
             "gen_tokens": gen, "tok_s": gen / wall if wall > 0 else 0.0,
-            "decode_tok_s": (gen - len(results)) / span if span and span > 0 else float("nan"),
+            "out_tok_s": (gen - len(results)) / span if span and span > 0 else float("nan"),
+            "decode_tok_s": conc / itl_mean if itl_mean > 0 else float("nan"),
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99),
             "first_error": errors[0] if errors else None}
 
@@ -158,19 +167,21 @@ def main():
         image_url = "data:%s;base64,%s" % (mime, base64.b64encode(open(args.image, "rb").read()).decode())
     rows = []
     print("model=%s max_tokens=%d image=%s" % (args.model, args.max_tokens, args.image or "none"))
-    print("%5s %5s %4s %8s %12s %10s %10s %10s %10s %8s" % ("conc", "reqs", "err", "wall_s", "decode_tok/s",
-                                                          "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "speedup"))
+    print("%5s %5s %4s %8s %12s %8s %10s %8s %10s %10s %10s %10s" % (
+        "conc", "reqs", "err", "wall_s", "decode_tok/s", "speedup", "out_tok/s", "speedup", "ttft_p50", "ttft_p99",
+        "itl_p50", "itl_p99"))
     base = None
-    for c in [int(x) for x in args.concurrency.split(",")]:
+    for level, c in enumerate(int(x) for x in args.concurrency.split(",")):
         n = args.requests or max(4, 2 * c)
-        r = asyncio.run(run_level(args, c, n, image_url))
+        r = asyncio.run(run_level(args, level, c, n, image_url))
         if base is None:
-            base = r["decode_tok_s"]
-        r["speedup"] = r["decode_tok_s"] / base if base else float("nan")
+            base = r
+        r["speedup"] = r["decode_tok_s"] / base["decode_tok_s"] if base["decode_tok_s"] else float("nan")
+        r["out_speedup"] = r["out_tok_s"] / base["out_tok_s"] if base["out_tok_s"] else float("nan")
         rows.append(r)
-        print("%5d %5d %4d %8.2f %12.2f %9.1fms %9.1fms %9.1fms %9.1fms %7.2fx" % (
-            c, r["requests"], r["errors"], r["wall_s"], r["decode_tok_s"], r["ttft_p50"] * 1e3, r["ttft_p99"] * 1e3,
-            r["itl_p50"] * 1e3, r["itl_p99"] * 1e3, r["speedup"]))
+        print("%5d %5d %4d %8.2f %12.2f %7.2fx %10.2f %7.2fx %9.1fms %9.1fms %9.1fms %9.1fms" % (
+            c, r["requests"], r["errors"], r["wall_s"], r["decode_tok_s"], r["speedup"], r["out_tok_s"],
+            r["out_speedup"], r["ttft_p50"] * 1e3, r["ttft_p99"] * 1e3, r["itl_p50"] * 1e3, r["itl_p99"] * 1e3))
         if r["first_error"]:
             print("   first error: %s" % r["first_error"][:200], file=sys.stderr)
     if args.json:

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import GREEDY, MODEL, case_messages, data_url, fixture_case, image_part, IMAGES
+from conftest import GREEDY, IMAGES, MODEL, case_messages, data_url, fixture_case, image_part, start_server
 
 
 @pytest.mark.parametrize("case_name", ["text", "image", "two_images", "multiturn"])
@@ -122,3 +122,38 @@ def test_stop_string(client, tokenizer):
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.content == full[: full.index(stop)]
     assert r.usage.completion_tokens < 32
+
+
+def _metric(server, name):
+    st, _, text = server.request("GET", "/metrics")
+    return int(float([l for l in text.splitlines() if l.startswith(name + " ")][0].split()[1]))
+
+
+def test_prefix_cache_reuse(server, client, tokenizer):
+    """Automatic prefix cache: the same image prompt again reads every full KV page but the one with
+    its last token from the cache (pages of 16 tokens), says so in usage.prompt_tokens_details and
+    /metrics, and still gives the reference's greedy tokens."""
+    case = fixture_case("image")
+    kw = dict(model=MODEL, messages=case_messages(case), max_tokens=32, extra_body=dict(GREEDY, ignore_eos=True))
+    want = tokenizer.decode(case["greedy_ids"], skip_special_tokens=True)
+    a = client.chat.completions.create(**kw)
+    hits0 = _metric(server, "vlmd_prefix_cache_hits_total")
+    b = client.chat.completions.create(**kw)
+    full = (case["n_prompt"] - 1) // 16 * 16
+    assert b.usage.prompt_tokens == case["n_prompt"] and b.usage.prompt_tokens_details.cached_tokens == full
+    assert a.choices[0].message.content == b.choices[0].message.content == want
+    assert _metric(server, "vlmd_prefix_cache_hits_total") - hits0 == full
+    assert _metric(server, "vlmd_prefix_cache_queries_total") >= 2 * case["n_prompt"]
+
+
+def test_prefix_cache_off():
+    srv = start_server("--no-prefix-cache")
+    try:
+        case = fixture_case("text")
+        for _ in range(2):
+            st, _, body = srv.chat(case_messages(case), max_tokens=4, **GREEDY)
+            assert st == 200 and body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert _metric(srv, "vlmd_prefix_cache_hits_total") == 0
+        assert "prefix cache off" in srv.log_text()
+    finally:
+        assert srv.stop() == 0

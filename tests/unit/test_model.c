@@ -262,6 +262,188 @@ static void test_preemption(void) {
     batch_check("tiny-f32-tied", (vlm_engine_opts){.threads = 2, .max_seqs = 8, .max_batch_tokens = 64,
                                                    .kv_memory_bytes = 12 * 8192}, false, true);
 }
+static void test_preemption_no_prefix_cache(void) {
+    batch_check("tiny-f32-tied", (vlm_engine_opts){.threads = 2, .max_seqs = 8, .max_batch_tokens = 64,
+                                                   .kv_memory_bytes = 12 * 8192, .no_prefix_cache = true}, false, true);
+}
+
+/* One sequence to the end on e: its tokens, the prompt tokens it read from the prefix cache, and
+ * (when lg0 is non-NULL) its first step's logits. */
+static int run_one(vlm_engine *e, const vlm_seq_desc *d0, int32_t *toks, int64_t *cached, float *lg0, int64_t vocab) {
+    vlm_seq_desc d = *d0;
+    d.want_logits = lg0 != NULL;
+    uint64_t id;
+    char err[256];
+    vlm_status st = vlm_engine_add(e, &d, &id, err, sizeof err);
+    CHECKF(st == VLM_OK, "add: %s", err);
+    if (st) return 0;
+    vlm_token_event ev[8];
+    int nt = 0;
+    *cached = -1;
+    for (int step = 0; step < 1000 && vlm_engine_active(e); step++) {
+        int ne = vlm_engine_step(e, ev, 8);
+        for (int i = 0; i < ne; i++) {
+            if (ev[i].seq_id != id || ev[i].token < 0) continue;
+            if (nt == 0 && lg0) memcpy(lg0, vlm_engine_logits(e, id), (size_t)vocab * sizeof(float));
+            *cached = ev[i].n_cached_prompt;
+            if (nt < 64) toks[nt++] = ev[i].token;
+        }
+    }
+    return nt;
+}
+
+static double max_abs_diff(const float *a, const float *b, int64_t n) {
+    double md = 0;
+    for (int64_t i = 0; i < n; i++) md = fmax(md, fabs((double)a[i] - b[i]));
+    return md;
+}
+
+/* Automatic prefix cache (runtime/kv_pages.c), pages of 4 tokens:
+ * - the same prompt again reuses every full page except the one holding its last token, and gives
+ *   the fixture's greedy tokens and the first run's logits (within f32 summation noise);
+ * - the same layout with the last image row changed reuses only the pages before that row, and gives
+ *   what an engine without the cache gives for it;
+ * - a prompt that extends a finished sequence's prompt + output reuses the pages its generated tokens
+ *   filled;
+ * - with no_prefix_cache nothing is reused. */
+static void test_prefix_cache(void) {
+    vlm_model *m = load_model("tiny-f32-tied", false);
+    if (!m) return;
+    const int64_t V = vlm_model_cfg(m)->vocab;
+    const int32_t pad = vlm_model_cfg(m)->image_token_id;
+    const int pt = 4;
+    float *lg_a = malloc((size_t)V * sizeof(float)), *lg_b = malloc((size_t)V * sizeof(float));
+    const char *names[] = {"image", "two_images", "multiturn", "text"};
+    for (size_t ci = 0; ci < sizeof names / sizeof *names; ci++) {
+        fcase c;
+        if (!case_load(&c, "tiny-f32-tied", names[ci])) { case_free(&c); continue; }
+        char err[256];
+        vlm_engine *e = NULL, *ref = NULL;
+        vlm_engine_opts eo = {.threads = 2, .max_seqs = 4, .max_batch_tokens = 256, .page_tokens = pt};
+        CHECK(vlm_engine_create(m, &eo, &e, err, sizeof err) == VLM_OK);
+        eo.no_prefix_cache = true;
+        CHECK(vlm_engine_create(m, &eo, &ref, err, sizeof err) == VLM_OK);
+        if (!e || !ref) { vlm_engine_free(e); vlm_engine_free(ref); case_free(&c); continue; }
+        vlm_seq_desc d = desc_of(&c, 24);
+        int64_t ng;
+        int32_t *want = ids_of(cJSON_GetObjectItem(c.j, "greedy_ids"), &ng);
+        int32_t t1[64], t2[64], t3[64];
+        int64_t k1, k2, k3;
+        int n1 = run_one(e, &d, t1, &k1, lg_a, V);
+        int n2 = run_one(e, &d, t2, &k2, lg_b, V);
+        const int64_t full = (c.n_prompt - 1) / pt * pt;
+        CHECKF(k1 == 0 && k2 == full, "%s: reused %lld then %lld prompt tokens, want 0 then %lld", c.dir,
+               (long long)k1, (long long)k2, (long long)full);
+        CHECK(n1 == 24 && n2 == 24 && !memcmp(t1, want, sizeof(int32_t) * 24) && !memcmp(t2, want, sizeof(int32_t) * 24));
+        double md = max_abs_diff(lg_a, lg_b, V);
+        CHECKF(md <= 1e-4, "%s: logits with the cached prefix differ by %.3g", c.dir, md);
+        fprintf(stderr, "  %s: %lld of %lld prompt tokens from the cache, logits0 max|diff| %.3g\n", c.dir,
+                (long long)k2, (long long)c.n_prompt, md);
+        vlm_engine_stats st;
+        vlm_engine_get_stats(e, &st);
+        CHECK(st.prefix_hit_tokens == full && st.prefix_query_tokens == 2 * c.n_prompt && st.kv_pages_used == 0 &&
+              st.kv_pages_cached > 0);
+        if (c.n_images > 0) {
+            /* change the last image row: the pages before it still match, the rest must not */
+            vlm_image_embeds im[8];
+            memcpy(im, c.img, sizeof im);
+            const vlm_image_embeds *last = &c.img[c.n_images - 1];
+            const int64_t H = vlm_model_cfg(m)->hidden;
+            float *emb = malloc((size_t)(last->n_tokens * H) * sizeof(float));
+            memcpy(emb, last->embeds, (size_t)(last->n_tokens * H) * sizeof(float));
+            emb[(last->n_tokens - 1) * H + 3] += 0.5f;
+            im[c.n_images - 1].embeds = emb;
+            int64_t row = c.n_prompt - 1;
+            while (c.prompt[row] != pad) row--;
+            vlm_seq_desc dp = d;
+            dp.images = im;
+            int n3 = run_one(e, &dp, t3, &k3, lg_a, V);
+            int64_t want_k = row / pt * pt < full ? row / pt * pt : full;
+            CHECKF(k3 == want_k, "%s changed image: reused %lld, want %lld", c.dir, (long long)k3, (long long)want_k);
+            int32_t tr[64];
+            int64_t kr;
+            int nr = run_one(ref, &dp, tr, &kr, lg_b, V);
+            md = max_abs_diff(lg_a, lg_b, V);
+            CHECKF(kr == 0 && n3 == nr && !memcmp(t3, tr, sizeof(int32_t) * (size_t)nr) && md <= 1e-4,
+                   "%s changed image: differs from the uncached engine (logits %.3g)", c.dir, md);
+            free(emb);
+        } else {
+            /* continue the conversation: prompt + the 24 generated tokens + 3 more */
+            int64_t n4 = c.n_prompt + 27;
+            int32_t *p4 = malloc((size_t)n4 * sizeof *p4);
+            memcpy(p4, c.prompt, (size_t)c.n_prompt * sizeof *p4);
+            memcpy(p4 + c.n_prompt, t1, 24 * sizeof *p4);
+            for (int i = 0; i < 3; i++) p4[c.n_prompt + 24 + i] = c.prompt[i];
+            vlm_seq_desc d4 = d;
+            d4.prompt = p4;
+            d4.n_prompt = n4;
+            d4.max_tokens = 8;
+            int64_t kr;
+            int32_t tr[64];
+            int n3 = run_one(e, &d4, t3, &k3, lg_a, V);
+            int nr = run_one(ref, &d4, tr, &kr, lg_b, V);
+            /* the first run computed rows up to its 23rd generated token (the 24th was never fed back) */
+            int64_t want_k = (c.n_prompt + 23) / pt * pt;
+            CHECKF(k3 == want_k, "%s continued: reused %lld, want %lld", c.dir, (long long)k3, (long long)want_k);
+            md = max_abs_diff(lg_a, lg_b, V);
+            CHECKF(n3 == 8 && n3 == nr && !memcmp(t3, tr, sizeof(int32_t) * 8) && md <= 1e-4,
+                   "%s continued: differs from the uncached engine (logits %.3g)", c.dir, md);
+            free(p4);
+        }
+        int64_t k4;
+        run_one(ref, &d, t3, &k4, NULL, V);
+        CHECKF(k4 == 0, "no_prefix_cache engine reused %lld tokens", (long long)k4);
+        vlm_engine_get_stats(ref, &st);
+        CHECK(st.prefix_hit_tokens == 0 && st.kv_pages_cached == 0);
+        free(want);
+        vlm_engine_free(e);
+        vlm_engine_free(ref);
+        case_free(&c);
+    }
+    free(lg_a);
+    free(lg_b);
+    vlm_model_free(m);
+}
+
+/* Identical prompts admitted together, more arriving while they run, and a pool too small for all of
+ * them: pages are shared, recycled and preempted, and every sequence still gives the fixture's tokens. */
+static void test_prefix_cache_shared_preempted(void) {
+    vlm_model *m = load_model("tiny-f32-tied", false);
+    if (!m) return;
+    fcase c;
+    if (case_load(&c, "tiny-f32-tied", "image")) {
+        vlm_seq_desc d[6];
+        for (int k = 0; k < 6; k++) d[k] = desc_of(&c, 24);
+        /* image: 89 prompt + 24 tokens = 29 pages of 4 alone; 40 pages hold one and a shared prefix */
+        vlm_engine_opts eo = {.threads = 2, .max_seqs = 8, .max_batch_tokens = 64, .page_tokens = 4,
+                              .kv_memory_bytes = 40 * 2048};
+        vlm_engine *e = NULL;
+        char err[256];
+        vlm_status st = vlm_engine_create(m, &eo, &e, err, sizeof err);
+        CHECKF(st == VLM_OK, "%s", err);
+        if (st == VLM_OK) {
+            int add_at[6] = {0, 0, 0, 3, 7, 30};
+            int32_t out[6][64];
+            int n_out[6];
+            run_engine(e, d, 6, add_at, out, n_out);
+            int64_t ng;
+            int32_t *want = ids_of(cJSON_GetObjectItem(c.j, "greedy_ids"), &ng);
+            for (int k = 0; k < 6; k++)
+                CHECKF(n_out[k] == 24 && !memcmp(out[k], want, 24 * sizeof(int32_t)), "sequence %d differs", k);
+            vlm_engine_stats s;
+            vlm_engine_get_stats(e, &s);
+            CHECKF(s.preempted_total > 0 && s.prefix_hit_tokens > 0, "preempted %d, reused %lld", s.preempted_total,
+                   (long long)s.prefix_hit_tokens);
+            CHECK_EQ_INT(s.kv_pages_used, 0);
+            fprintf(stderr, "  6 identical prompts in 40 pages: %d preemptions, %lld of %lld prompt tokens reused\n",
+                    s.preempted_total, (long long)s.prefix_hit_tokens, (long long)s.prefix_query_tokens);
+            free(want);
+            vlm_engine_free(e);
+        }
+    }
+    case_free(&c);
+    vlm_model_free(m);
+}
 
 static void test_add_errors(void) {
     vlm_model *m = load_model("tiny-f32-tied", false);
@@ -397,6 +579,9 @@ int main(void) {
     RUN(test_batching_invariance);
     RUN(test_chunked_prefill);
     RUN(test_preemption);
+    RUN(test_preemption_no_prefix_cache);
+    RUN(test_prefix_cache);
+    RUN(test_prefix_cache_shared_preempted);
     RUN(test_add_errors);
     RUN(test_convert_f32);
     RUN(test_generate_loop);

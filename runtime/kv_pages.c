@@ -1,0 +1,206 @@
+/* kv_pages.c — the KV page pool's bookkeeping: which pages are free, which sequences hold which
+ * page, and the automatic prefix cache (pages whose K/V can be reused by a later prompt).
+ *
+ * Prefix cache. A full page's K/V are a function of every token, image embedding and position up to
+ * its last row, so a page is named by a chained key: key(page j) = SipHash over (key(page j-1), the
+ * page's token ids, its M-RoPE positions and, for image rows, the embedding bits). A sequence that
+ * starts (or resumes after preemption) walks its leading full pages through the table and takes every
+ * page already present instead of recomputing it; pages are shared read-only, since a sequence only
+ * ever writes rows at or past its own n_cached, which lies beyond every matched page. When the last
+ * holder releases a registered page it stays in the table on an LRU list and is still counted as
+ * available; it is recycled (dropped from the table) only when no never-used page is left.
+ *
+ * Why SipHash with a per-process random key rather than a plain 64-bit hash: another client's prompt
+ * must never be able to pick up K/V that belong to different content. Token ids are also compared
+ * exactly on a hit; image rows are covered by the keyed hash alone (storing the embeddings to compare
+ * would cost as much memory as the K/V themselves). vLLM's automatic prefix caching follows the same
+ * block-hash scheme. */
+#include "runtime/rt_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+struct vlm_page_pool {
+    int64_t n_pages;
+    int pt;
+    bool cache_on;
+    int32_t *free;         /* pages that hold nothing reusable */
+    int64_t n_free;
+    int32_t *ref;          /* [n_pages] sequences holding the page */
+    /* registered pages: hash chains and the idle (ref 0) LRU list, oldest at lru_head */
+    bool *reg;
+    uint64_t *key;
+    int32_t *tok;          /* [n_pages][pt] token ids, compared on a hit */
+    int32_t *bucket;       /* [n_buckets] first page of the chain, -1 when empty */
+    int32_t *chain;        /* [n_pages] next page in the same bucket */
+    int64_t n_buckets;
+    int32_t *prev, *next;  /* LRU links */
+    int32_t lru_head, lru_tail;
+    int64_t n_idle;
+    uint64_t k0, k1;       /* SipHash key */
+};
+
+vlm_page_pool *vlm_pages_create(int64_t n_pages, int page_tokens, bool prefix_cache) {
+    vlm_page_pool *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->n_pages = n_pages;
+    p->pt = page_tokens;
+    p->cache_on = prefix_cache;
+    p->n_buckets = 1;
+    while (p->n_buckets < 2 * n_pages) p->n_buckets *= 2;
+    p->free = malloc((size_t)n_pages * sizeof *p->free);
+    p->ref = calloc((size_t)n_pages, sizeof *p->ref);
+    p->reg = calloc((size_t)n_pages, sizeof *p->reg);
+    p->key = malloc((size_t)n_pages * sizeof *p->key);
+    p->tok = malloc((size_t)(n_pages * page_tokens) * sizeof *p->tok);
+    p->bucket = malloc((size_t)p->n_buckets * sizeof *p->bucket);
+    p->chain = malloc((size_t)n_pages * sizeof *p->chain);
+    p->prev = malloc((size_t)n_pages * sizeof *p->prev);
+    p->next = malloc((size_t)n_pages * sizeof *p->next);
+    if (!p->free || !p->ref || !p->reg || !p->key || !p->tok || !p->bucket || !p->chain || !p->prev || !p->next) {
+        vlm_pages_free(p);
+        return NULL;
+    }
+    /* lowest page index handed out first (reverse stack) */
+    for (int64_t i = 0; i < n_pages; i++) p->free[i] = (int32_t)(n_pages - 1 - i);
+    p->n_free = n_pages;
+    for (int64_t i = 0; i < p->n_buckets; i++) p->bucket[i] = -1;
+    p->lru_head = p->lru_tail = -1;
+    uint64_t k[2];
+    if (getrandom(k, sizeof k, 0) != (ssize_t)sizeof k) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        k[0] = (uint64_t)ts.tv_nsec * 0x9E3779B97F4A7C15ull ^ (uint64_t)ts.tv_sec;
+        k[1] = (uint64_t)(uintptr_t)p * 0xC2B2AE3D27D4EB4Full ^ (uint64_t)clock();
+    }
+    p->k0 = k[0];
+    p->k1 = k[1];
+    return p;
+}
+
+void vlm_pages_free(vlm_page_pool *p) {
+    if (!p) return;
+    free(p->free); free(p->ref); free(p->reg); free(p->key); free(p->tok); free(p->bucket); free(p->chain);
+    free(p->prev); free(p->next);
+    free(p);
+}
+
+bool vlm_pages_cache_on(const vlm_page_pool *p) { return p->cache_on; }
+int64_t vlm_pages_available(const vlm_page_pool *p) { return p->n_free + p->n_idle; }
+int64_t vlm_pages_idle_cached(const vlm_page_pool *p) { return p->n_idle; }
+int64_t vlm_pages_held(const vlm_page_pool *p) { return p->n_pages - p->n_free - p->n_idle; }
+
+static void lru_unlink(vlm_page_pool *p, int32_t g) {
+    if (p->prev[g] >= 0) p->next[p->prev[g]] = p->next[g]; else p->lru_head = p->next[g];
+    if (p->next[g] >= 0) p->prev[p->next[g]] = p->prev[g]; else p->lru_tail = p->prev[g];
+    p->n_idle--;
+}
+
+static void lru_append(vlm_page_pool *p, int32_t g) {
+    p->prev[g] = p->lru_tail;
+    p->next[g] = -1;
+    if (p->lru_tail >= 0) p->next[p->lru_tail] = g; else p->lru_head = g;
+    p->lru_tail = g;
+    p->n_idle++;
+}
+
+static void unregister(vlm_page_pool *p, int32_t g) {
+    int32_t *at = &p->bucket[p->key[g] & (uint64_t)(p->n_buckets - 1)];
+    while (*at != g) at = &p->chain[*at];
+    *at = p->chain[g];
+    p->reg[g] = false;
+}
+
+int32_t vlm_pages_take(vlm_page_pool *p) {
+    int32_t g;
+    if (p->n_free > 0) {
+        g = p->free[--p->n_free];
+    } else if (p->n_idle > 0) {
+        g = p->lru_head; /* the least recently released cached page */
+        lru_unlink(p, g);
+        unregister(p, g);
+    } else {
+        return -1;
+    }
+    p->ref[g] = 1;
+    return g;
+}
+
+void vlm_pages_put(vlm_page_pool *p, int32_t g) {
+    VLM_ASSERT(p->ref[g] > 0);
+    if (--p->ref[g] > 0) return;
+    if (p->reg[g]) lru_append(p, g);
+    else p->free[p->n_free++] = g;
+}
+
+int32_t vlm_pages_lookup(vlm_page_pool *p, uint64_t key, const int32_t *tok) {
+    if (!p->cache_on) return -1;
+    for (int32_t g = p->bucket[key & (uint64_t)(p->n_buckets - 1)]; g >= 0; g = p->chain[g]) {
+        if (p->key[g] != key || memcmp(p->tok + (int64_t)g * p->pt, tok, (size_t)p->pt * sizeof *tok)) continue;
+        if (p->ref[g]++ == 0) lru_unlink(p, g);
+        return g;
+    }
+    return -1;
+}
+
+void vlm_pages_register(vlm_page_pool *p, int32_t g, uint64_t key, const int32_t *tok) {
+    if (!p->cache_on || p->reg[g]) return;
+    int64_t b = (int64_t)(key & (uint64_t)(p->n_buckets - 1));
+    for (int32_t h = p->bucket[b]; h >= 0; h = p->chain[h])
+        if (p->key[h] == key && !memcmp(p->tok + (int64_t)h * p->pt, tok, (size_t)p->pt * sizeof *tok))
+            return; /* the same content computed twice at once (two prompts admitted together): keep the first */
+    p->key[g] = key;
+    memcpy(p->tok + (int64_t)g * p->pt, tok, (size_t)p->pt * sizeof *tok);
+    p->chain[g] = p->bucket[b];
+    p->bucket[b] = g;
+    p->reg[g] = true;
+}
+
+/* ---- SipHash-2-4 over a stream of 64-bit words (Aumasson & Bernstein) ---- */
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+static inline void sipround(uint64_t v[4]) {
+    v[0] += v[1]; v[1] = ROTL(v[1], 13); v[1] ^= v[0]; v[0] = ROTL(v[0], 32);
+    v[2] += v[3]; v[3] = ROTL(v[3], 16); v[3] ^= v[2];
+    v[0] += v[3]; v[3] = ROTL(v[3], 21); v[3] ^= v[0];
+    v[2] += v[1]; v[1] = ROTL(v[1], 17); v[1] ^= v[2]; v[2] = ROTL(v[2], 32);
+}
+
+void vlm_pkey_begin(const vlm_page_pool *p, vlm_pkey *h, uint64_t parent) {
+    h->v[0] = p->k0 ^ 0x736f6d6570736575ull;
+    h->v[1] = p->k1 ^ 0x646f72616e646f6dull;
+    h->v[2] = p->k0 ^ 0x6c7967656e657261ull;
+    h->v[3] = p->k1 ^ 0x7465646279746573ull;
+    h->n = 0;
+    vlm_pkey_word(h, parent);
+}
+
+void vlm_pkey_word(vlm_pkey *h, uint64_t m) {
+    h->v[3] ^= m;
+    sipround(h->v);
+    sipround(h->v);
+    h->v[0] ^= m;
+    h->n++;
+}
+
+void vlm_pkey_bytes(vlm_pkey *h, const void *data, size_t n) {
+    const unsigned char *c = data;
+    for (; n >= 8; n -= 8, c += 8) {
+        uint64_t m;
+        memcpy(&m, c, 8);
+        vlm_pkey_word(h, m);
+    }
+    if (n) {
+        uint64_t m = 0;
+        memcpy(&m, c, n);
+        vlm_pkey_word(h, m ^ ((uint64_t)n << 56));
+    }
+}
+
+uint64_t vlm_pkey_end(vlm_pkey *h) {
+    vlm_pkey_word(h, h->n << 56);
+    h->v[2] ^= 0xff;
+    for (int i = 0; i < 4; i++) sipround(h->v);
+    return h->v[0] ^ h->v[1] ^ h->v[2] ^ h->v[3];
+}

@@ -14,5 +14,5 @@ apt-get install -y -qq --no-install-recommends \
 # jq: the deploy/examples curl scripts.
 # Python: numpy writes the generated test checkpoints; pytest, openai and requests drive the server;
 # pyyaml parses deploy/k8s in tests/integration/test_deploy_files.py.
-python3 -m pip install -q --disable-pip-version-check numpy pytest openai requests pillow pyyaml 2>&1 \
+python3 -m pip install -q --disable-pip-version-check numpy pytest openai requests pillow pyyaml tokenizers 2>&1 \
     | grep -v "Running pip as the 'root' user" || true

@@ -1,4 +1,5 @@
-/* core.c — status names, error formatting, dtypes and scalar conversions shared by the runtime. */
+/* core.c — status names, error formatting, dtypes, scalar conversions and keyed hashing shared by the
+ * runtime (and the server's caches). */
 #include "runtime/runtime.h"
 
 #include <math.h>
@@ -6,6 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
 
 const char *vlm_status_name(vlm_status s) {
     switch (s) {
@@ -88,4 +91,58 @@ float vlm_f16_to_f32(uint16_t h) {
         v.u = sign | ((exp + 112u) << 23) | (man << 13);
     }
     return v.f;
+}
+
+/* ---- keyed hashing: SipHash-2-4 rounds (Aumasson & Bernstein) over a stream of 64-bit words ---- */
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+static inline void sipround(uint64_t v[4]) {
+    v[0] += v[1]; v[1] = ROTL(v[1], 13); v[1] ^= v[0]; v[0] = ROTL(v[0], 32);
+    v[2] += v[3]; v[3] = ROTL(v[3], 16); v[3] ^= v[2];
+    v[0] += v[3]; v[3] = ROTL(v[3], 21); v[3] ^= v[0];
+    v[2] += v[1]; v[1] = ROTL(v[1], 17); v[1] ^= v[2]; v[2] = ROTL(v[2], 32);
+}
+
+void vlm_hash_random_key(uint64_t key[2]) {
+    if (getrandom(key, 2 * sizeof *key, 0) == (ssize_t)(2 * sizeof *key)) return;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    key[0] = (uint64_t)ts.tv_nsec * 0x9E3779B97F4A7C15ull ^ (uint64_t)ts.tv_sec;
+    key[1] = (uint64_t)(uintptr_t)key * 0xC2B2AE3D27D4EB4Full ^ (uint64_t)clock();
+}
+
+void vlm_hash_begin(vlm_hash *h, const uint64_t key[2]) {
+    h->v[0] = key[0] ^ 0x736f6d6570736575ull;
+    h->v[1] = key[1] ^ 0x646f72616e646f6dull;
+    h->v[2] = key[0] ^ 0x6c7967656e657261ull;
+    h->v[3] = key[1] ^ 0x7465646279746573ull;
+    h->n = 0;
+}
+
+void vlm_hash_word(vlm_hash *h, uint64_t m) {
+    h->v[3] ^= m;
+    sipround(h->v);
+    sipround(h->v);
+    h->v[0] ^= m;
+    h->n++;
+}
+
+void vlm_hash_bytes(vlm_hash *h, const void *data, size_t n) {
+    const unsigned char *c = data;
+    for (; n >= 8; n -= 8, c += 8) {
+        uint64_t m;
+        memcpy(&m, c, 8);
+        vlm_hash_word(h, m);
+    }
+    if (n) {
+        uint64_t m = 0;
+        memcpy(&m, c, n);
+        vlm_hash_word(h, m ^ ((uint64_t)n << 56));
+    }
+}
+
+uint64_t vlm_hash_end(vlm_hash *h) {
+    vlm_hash_word(h, h->n << 56);
+    h->v[2] ^= 0xff;
+    for (int i = 0; i < 4; i++) sipround(h->v);
+    return h->v[0] ^ h->v[1] ^ h->v[2] ^ h->v[3];
 }

@@ -90,6 +90,7 @@ struct vlm_engine {
     int tp;
     int64_t n_pages;
     vlm_page_pool *pool;
+    uint64_t hash_key[2];        /* prefix-cache page keys; random per engine */
     int64_t pc_query_tokens, pc_hit_tokens; /* prompt tokens at first scheduling, and of those reused */
     seq **seqs;                  /* in arrival order */
     int n_seqs, cap_seqs;
@@ -401,6 +402,7 @@ vlm_status vlm_engine_create(vlm_model *m, const vlm_engine_opts *opts, vlm_engi
     }
     /* ---- host state ---- */
     e->pool = vlm_pages_create(e->n_pages, e->o.page_tokens, !e->o.no_prefix_cache);
+    vlm_hash_random_key(e->hash_key);
     e->logits = malloc((size_t)e->o.max_seqs * (size_t)V * sizeof(float));
     e->row_seq = malloc((size_t)R * sizeof *e->row_seq);
     e->row_idx = malloc((size_t)R * sizeof *e->row_idx);
@@ -779,17 +781,18 @@ static uint64_t page_key(vlm_engine *e, seq *s, int64_t j) {
     const int64_t pt = e->o.page_tokens, H = e->m->cfg.hidden;
     for (; s->n_keyed <= j; s->n_keyed++) {
         int64_t q = s->n_keyed;
-        vlm_pkey h;
-        vlm_pkey_begin(e->pool, &h, q ? s->key[q - 1] : 0);
+        vlm_hash h;
+        vlm_hash_begin(&h, e->hash_key);
+        vlm_hash_word(&h, q ? s->key[q - 1] : 0);
         for (int64_t i = q * pt; i < (q + 1) * pt; i++) {
             int64_t p3[3];
             seq_pos(s, i, p3);
-            vlm_pkey_word(&h, (uint64_t)(uint32_t)s->tok[i]);
-            vlm_pkey_bytes(&h, p3, sizeof p3);
+            vlm_hash_word(&h, (uint64_t)(uint32_t)s->tok[i]);
+            vlm_hash_bytes(&h, p3, sizeof p3);
             if (i < s->n_prompt && s->img_row[i] >= 0)
-                vlm_pkey_bytes(&h, s->img + s->img_row[i] * H, (size_t)H * sizeof(float));
+                vlm_hash_bytes(&h, s->img + s->img_row[i] * H, (size_t)H * sizeof(float));
         }
-        s->key[q] = vlm_pkey_end(&h);
+        s->key[q] = vlm_hash_end(&h);
     }
     return s->key[j];
 }

@@ -3,7 +3,8 @@
  *
  * Prefix cache. A full page's K/V are a function of every token, image embedding and position up to
  * its last row, so a page is named by a chained key: key(page j) = SipHash over (key(page j-1), the
- * page's token ids, its M-RoPE positions and, for image rows, the embedding bits). A sequence that
+ * page's token ids, its M-RoPE positions and, for image rows, the embedding bits; engine.c computes
+ * keys with vlm_hash, keyed per engine). A sequence that
  * starts (or resumes after preemption) walks its leading full pages through the table and takes every
  * page already present instead of recomputing it; pages are shared read-only, since a sequence only
  * ever writes rows at or past its own n_cached, which lies beyond every matched page. When the last
@@ -19,8 +20,6 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
-#include <time.h>
 
 struct vlm_page_pool {
     int64_t n_pages;
@@ -39,7 +38,6 @@ struct vlm_page_pool {
     int32_t *prev, *next;  /* LRU links */
     int32_t lru_head, lru_tail;
     int64_t n_idle;
-    uint64_t k0, k1;       /* SipHash key */
 };
 
 vlm_page_pool *vlm_pages_create(int64_t n_pages, int page_tokens, bool prefix_cache) {
@@ -68,15 +66,6 @@ vlm_page_pool *vlm_pages_create(int64_t n_pages, int page_tokens, bool prefix_ca
     p->n_free = n_pages;
     for (int64_t i = 0; i < p->n_buckets; i++) p->bucket[i] = -1;
     p->lru_head = p->lru_tail = -1;
-    uint64_t k[2];
-    if (getrandom(k, sizeof k, 0) != (ssize_t)sizeof k) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        k[0] = (uint64_t)ts.tv_nsec * 0x9E3779B97F4A7C15ull ^ (uint64_t)ts.tv_sec;
-        k[1] = (uint64_t)(uintptr_t)p * 0xC2B2AE3D27D4EB4Full ^ (uint64_t)clock();
-    }
-    p->k0 = k[0];
-    p->k1 = k[1];
     return p;
 }
 
@@ -156,51 +145,4 @@ void vlm_pages_register(vlm_page_pool *p, int32_t g, uint64_t key, const int32_t
     p->chain[g] = p->bucket[b];
     p->bucket[b] = g;
     p->reg[g] = true;
-}
-
-/* ---- SipHash-2-4 over a stream of 64-bit words (Aumasson & Bernstein) ---- */
-#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
-static inline void sipround(uint64_t v[4]) {
-    v[0] += v[1]; v[1] = ROTL(v[1], 13); v[1] ^= v[0]; v[0] = ROTL(v[0], 32);
-    v[2] += v[3]; v[3] = ROTL(v[3], 16); v[3] ^= v[2];
-    v[0] += v[3]; v[3] = ROTL(v[3], 21); v[3] ^= v[0];
-    v[2] += v[1]; v[1] = ROTL(v[1], 17); v[1] ^= v[2]; v[2] = ROTL(v[2], 32);
-}
-
-void vlm_pkey_begin(const vlm_page_pool *p, vlm_pkey *h, uint64_t parent) {
-    h->v[0] = p->k0 ^ 0x736f6d6570736575ull;
-    h->v[1] = p->k1 ^ 0x646f72616e646f6dull;
-    h->v[2] = p->k0 ^ 0x6c7967656e657261ull;
-    h->v[3] = p->k1 ^ 0x7465646279746573ull;
-    h->n = 0;
-    vlm_pkey_word(h, parent);
-}
-
-void vlm_pkey_word(vlm_pkey *h, uint64_t m) {
-    h->v[3] ^= m;
-    sipround(h->v);
-    sipround(h->v);
-    h->v[0] ^= m;
-    h->n++;
-}
-
-void vlm_pkey_bytes(vlm_pkey *h, const void *data, size_t n) {
-    const unsigned char *c = data;
-    for (; n >= 8; n -= 8, c += 8) {
-        uint64_t m;
-        memcpy(&m, c, 8);
-        vlm_pkey_word(h, m);
-    }
-    if (n) {
-        uint64_t m = 0;
-        memcpy(&m, c, n);
-        vlm_pkey_word(h, m ^ ((uint64_t)n << 56));
-    }
-}
-
-uint64_t vlm_pkey_end(vlm_pkey *h) {
-    vlm_pkey_word(h, h->n << 56);
-    h->v[2] ^= 0xff;
-    for (int i = 0; i < 4; i++) sipround(h->v);
-    return h->v[0] ^ h->v[1] ^ h->v[2] ^ h->v[3];
 }

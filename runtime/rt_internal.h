@@ -48,10 +48,4 @@ int32_t vlm_pages_lookup(vlm_page_pool *p, uint64_t key, const int32_t *tok);
 /* Makes a full page findable by later prompts (no-op when the cache is off, the page is already
  * registered, or the same content is). */
 void vlm_pages_register(vlm_page_pool *p, int32_t page, uint64_t key, const int32_t *tok);
-/* Page keys: keyed SipHash-2-4 rounds over 64-bit words, chained through the parent page's key. */
-typedef struct { uint64_t v[4], n; } vlm_pkey;
-void vlm_pkey_begin(const vlm_page_pool *p, vlm_pkey *h, uint64_t parent);
-void vlm_pkey_word(vlm_pkey *h, uint64_t m);
-void vlm_pkey_bytes(vlm_pkey *h, const void *data, size_t n);
-uint64_t vlm_pkey_end(vlm_pkey *h);
 #endif

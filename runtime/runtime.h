@@ -53,6 +53,16 @@ _Noreturn void vlm_abort(const char *file, int line, const char *what);
 vlm_status vlm_errf(char *buf, size_t len, vlm_status st, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
+/* Keyed 64-bit hashing (SipHash-2-4 rounds over 64-bit words) for cache keys that a client must not
+ * be able to collide on purpose: the engine's KV prefix cache and the server's image cache. Draw the
+ * key once per cache with vlm_hash_random_key (getrandom). */
+typedef struct { uint64_t v[4], n; } vlm_hash;
+void vlm_hash_random_key(uint64_t key[2]);
+void vlm_hash_begin(vlm_hash *h, const uint64_t key[2]);
+void vlm_hash_word(vlm_hash *h, uint64_t m);
+void vlm_hash_bytes(vlm_hash *h, const void *data, size_t n);
+uint64_t vlm_hash_end(vlm_hash *h);
+
 /* ---- tensors ------------------------------------------------------------------------------ */
 typedef enum { VLM_F32 = 0, VLM_BF16, VLM_F16, VLM_I32, VLM_I64, VLM_U8, VLM_DTYPE_COUNT } vlm_dtype;
 

@@ -231,7 +231,7 @@ int vlmd_cmd_generate(int argc, char **argv) {
     lim.allow_local_files = true;
     lim.max_prompt_tokens = b->cfg->max_position;
     st = vlmd_prompt_from_messages(b, messages, &lim, &p, err, sizeof err, param, sizeof param);
-    if (st == VLM_OK) st = vlmd_prompt_encode_images(b, &p, err, sizeof err);
+    if (st == VLM_OK) st = vlmd_prompt_encode_images(b, &p, NULL, err, sizeof err);
     if (st != VLM_OK) {
         fprintf(stderr, "vlmd generate: %s%s%s\n", param[0] ? param : "", param[0] ? ": " : "", err);
         goto out;

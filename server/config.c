@@ -79,6 +79,9 @@ static const opt_t OPTS[] = {
     {"no-prefix-cache", T_BOOL, O(no_prefix_cache), 0, 0, 0,
      "recompute every prompt in full; by default KV pages of earlier prompts are reused for a prompt that "
      "starts with the same tokens and images (usage.prompt_tokens_details.cached_tokens counts them)"},
+    {"image-cache-memory", T_BYTES, O(image_cache_memory), 0, 0, 1e15,
+     "image embeddings kept across requests, so a picture sent again (every turn of a chat about it) "
+     "skips the vision encoder; 0 = off (default 256M)"},
     {"tp", T_INT, O(tp), 0, 1, VLM_MAX_TP,
      "tensor-parallel ranks: the decoder is sharded over N CPU rank threads or N GPUs (default 1)"},
     {"backend", T_STR, O(backend), S(backend), 0, 0, "compute backend: cpu (default) or cuda (make CUDA=1)"},
@@ -94,6 +97,7 @@ void vlmd_cfg_defaults(vlmd_serve_cfg *c) {
     c->port = 8000;
     c->max_seqs = 16;
     c->max_batch_tokens = 512;
+    c->image_cache_memory = 256 << 20;
     c->max_queue = 64;
     c->max_body_bytes = 16 << 20;
     c->max_images = 16;

@@ -44,6 +44,7 @@ struct vlmd_metrics {
     uint64_t slot_tok[RATE_SLOTS];
     int queue_depth;
     vlm_engine_stats es;
+    vlmd_imgcache_counts ic;
 };
 
 vlmd_metrics *vlmd_metrics_new(void) {
@@ -99,6 +100,12 @@ void vlmd_metrics_tokens(vlmd_metrics *m, int64_t prompt, int64_t generated, dou
     pthread_mutex_unlock(&m->mu);
 }
 
+void vlmd_metrics_imgcache(vlmd_metrics *m, const vlmd_imgcache_counts *c) {
+    pthread_mutex_lock(&m->mu);
+    m->ic = *c;
+    pthread_mutex_unlock(&m->mu);
+}
+
 void vlmd_metrics_engine(vlmd_metrics *m, int queue_depth, const vlm_engine_stats *s) {
     pthread_mutex_lock(&m->mu);
     m->queue_depth = queue_depth;
@@ -131,6 +138,11 @@ static void sb_printf(sbuf *b, const char *fmt, ...) {
     }
 }
 
+/* One unlabelled sample with its HELP and TYPE lines. */
+static void scalar(sbuf *b, const char *name, const char *type, const char *help, long long v) {
+    sb_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s %lld\n", name, help, name, type, name, v);
+}
+
 static void hist_render(sbuf *b, const char *name, const char *help, const hist_t *h) {
     sb_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
     uint64_t cum = 0;
@@ -151,36 +163,31 @@ char *vlmd_metrics_render(vlmd_metrics *m, double now) {
     for (int i = 0; i < m->n_codes; i++)
         sb_printf(&b, "vlmd_requests_total{code=\"%d\"} %llu\n", m->codes[i],
                   (unsigned long long)m->code_n[i]);
-    sb_printf(&b, "# HELP vlmd_queue_depth Requests waiting for admission.\n# TYPE vlmd_queue_depth gauge\n"
-                  "vlmd_queue_depth %d\n", m->queue_depth);
-    sb_printf(&b, "# HELP vlmd_running_sequences Sequences resident in the engine.\n"
-                  "# TYPE vlmd_running_sequences gauge\nvlmd_running_sequences %d\n", m->es.running);
-    sb_printf(&b, "# HELP vlmd_waiting_sequences Sequences queued inside the engine (incl. preempted).\n"
-                  "# TYPE vlmd_waiting_sequences gauge\nvlmd_waiting_sequences %d\n", m->es.waiting);
-    sb_printf(&b, "# HELP vlmd_preemptions_total Sequences preempted for lack of KV pages.\n"
-                  "# TYPE vlmd_preemptions_total counter\nvlmd_preemptions_total %d\n",
-              m->es.preempted_total);
-    sb_printf(&b, "# HELP vlmd_kv_pages_used KV cache pages in use.\n# TYPE vlmd_kv_pages_used gauge\n"
-                  "vlmd_kv_pages_used %lld\n", (long long)m->es.kv_pages_used);
-    sb_printf(&b, "# HELP vlmd_kv_pages_total KV cache pages reserved.\n# TYPE vlmd_kv_pages_total gauge\n"
-                  "vlmd_kv_pages_total %lld\n", (long long)m->es.kv_pages_total);
+    scalar(&b, "vlmd_queue_depth", "gauge", "Requests waiting for admission.", m->queue_depth);
+    scalar(&b, "vlmd_running_sequences", "gauge", "Sequences resident in the engine.", m->es.running);
+    scalar(&b, "vlmd_waiting_sequences", "gauge", "Sequences queued inside the engine (incl. preempted).",
+           m->es.waiting);
+    scalar(&b, "vlmd_preemptions_total", "counter", "Sequences preempted for lack of KV pages.",
+           m->es.preempted_total);
+    scalar(&b, "vlmd_kv_pages_used", "gauge", "KV cache pages in use.", m->es.kv_pages_used);
+    scalar(&b, "vlmd_kv_pages_total", "gauge", "KV cache pages reserved.", m->es.kv_pages_total);
     double use = m->es.kv_pages_total ? (double)m->es.kv_pages_used / (double)m->es.kv_pages_total : 0;
     sb_printf(&b, "# HELP vlmd_kv_cache_usage Fraction of KV pages in use.\n# TYPE vlmd_kv_cache_usage gauge\n"
                   "vlmd_kv_cache_usage %.4f\n", use);
-    sb_printf(&b, "# HELP vlmd_kv_pages_cached KV pages held by no sequence, kept for the prefix cache.\n"
-                  "# TYPE vlmd_kv_pages_cached gauge\nvlmd_kv_pages_cached %lld\n", (long long)m->es.kv_pages_cached);
-    sb_printf(&b, "# HELP vlmd_prefix_cache_queries_total Prompt tokens looked up in the prefix cache.\n"
-                  "# TYPE vlmd_prefix_cache_queries_total counter\nvlmd_prefix_cache_queries_total %lld\n",
-              (long long)m->es.prefix_query_tokens);
-    sb_printf(&b, "# HELP vlmd_prefix_cache_hits_total Prompt tokens read from the prefix cache.\n"
-                  "# TYPE vlmd_prefix_cache_hits_total counter\nvlmd_prefix_cache_hits_total %lld\n",
-              (long long)m->es.prefix_hit_tokens);
-    sb_printf(&b, "# HELP vlmd_prompt_tokens_total Prompt tokens admitted (image tokens included).\n"
-                  "# TYPE vlmd_prompt_tokens_total counter\nvlmd_prompt_tokens_total %llu\n",
-              (unsigned long long)m->prompt_tokens);
-    sb_printf(&b, "# HELP vlmd_generation_tokens_total Tokens generated.\n"
-                  "# TYPE vlmd_generation_tokens_total counter\nvlmd_generation_tokens_total %llu\n",
-              (unsigned long long)m->gen_tokens);
+    scalar(&b, "vlmd_kv_pages_cached", "gauge", "KV pages held by no sequence, kept for the prefix cache.",
+           m->es.kv_pages_cached);
+    scalar(&b, "vlmd_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+           m->es.prefix_query_tokens);
+    scalar(&b, "vlmd_prefix_cache_hits_total", "counter", "Prompt tokens read from the prefix cache.",
+           m->es.prefix_hit_tokens);
+    scalar(&b, "vlmd_image_cache_hits_total", "counter", "Images whose embeddings came from the image cache.",
+           m->ic.hits);
+    scalar(&b, "vlmd_image_cache_misses_total", "counter",
+           "Images run through the vision encoder with the cache on.", m->ic.misses);
+    scalar(&b, "vlmd_image_cache_bytes", "gauge", "Bytes of image embeddings held by the image cache.", m->ic.bytes);
+    scalar(&b, "vlmd_prompt_tokens_total", "counter", "Prompt tokens admitted (image tokens included).",
+           (long long)m->prompt_tokens);
+    scalar(&b, "vlmd_generation_tokens_total", "counter", "Tokens generated.", (long long)m->gen_tokens);
     /* Completed one-second slots of the last RATE_SLOTS seconds (the current one is partial). */
     int64_t cur = (int64_t)now;
     uint64_t tok = 0;

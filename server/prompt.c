@@ -687,7 +687,7 @@ vlm_status vlmd_prompt_from_ids(const vlmd_bundle *b, const int32_t *ids, int64_
     return VLM_OK;
 }
 
-vlm_status vlmd_prompt_encode_images(const vlmd_bundle *b, vlmd_prompt *p, char *err,
+vlm_status vlmd_prompt_encode_images(const vlmd_bundle *b, vlmd_prompt *p, vlmd_imgcache *cache, char *err,
                                      size_t errlen) {
     if (p->n_images == 0 || p->images) return VLM_OK;
     p->embeds = calloc((size_t)p->n_images, sizeof *p->embeds);
@@ -704,11 +704,16 @@ vlm_status vlmd_prompt_encode_images(const vlmd_bundle *b, vlmd_prompt *p, char 
             free(imgs);
             return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory for image %d embeddings", i);
         }
-        vlm_status st = b->ivit ? vlm_internvit_encode(b->ivit, px, p->embeds[i], err, errlen)
-                                : vlm_vit_encode(b->vit, px, p->embeds[i], err, errlen);
-        if (st != VLM_OK) {
-            free(imgs);
-            return st;
+        const int64_t n_floats = px->n_tokens * hidden;
+        uint64_t key = cache ? vlmd_imgcache_key(cache, px) : 0;
+        if (!cache || !vlmd_imgcache_get(cache, key, px, p->embeds[i], n_floats)) {
+            vlm_status st = b->ivit ? vlm_internvit_encode(b->ivit, px, p->embeds[i], err, errlen)
+                                    : vlm_vit_encode(b->vit, px, p->embeds[i], err, errlen);
+            if (st != VLM_OK) {
+                free(imgs);
+                return st;
+            }
+            if (cache) vlmd_imgcache_put(cache, key, px, p->embeds[i], n_floats);
         }
         memcpy(imgs[i].grid_thw, px->grid_thw, sizeof imgs[i].grid_thw);
         imgs[i].embeds = p->embeds[i];

@@ -76,9 +76,23 @@ vlm_status vlmd_prompt_from_ids(const vlmd_bundle *b, const int32_t *ids, int64_
                                 const vlmd_prompt_limits *lim, vlmd_prompt *out, char *err,
                                 size_t errlen);
 
+/* Image embeddings kept across requests, keyed by the preprocessed pixels (imgcache.c), least
+ * recently used evicted past budget_bytes. NULL (no cache) when budget_bytes <= 0. One thread only. */
+typedef struct vlmd_imgcache vlmd_imgcache;
+typedef struct { int64_t entries, bytes, hits, misses; } vlmd_imgcache_counts;
+vlmd_imgcache *vlmd_imgcache_new(int64_t budget_bytes);
+void vlmd_imgcache_free(vlmd_imgcache *c);
+uint64_t vlmd_imgcache_key(const vlmd_imgcache *c, const vlm_pixels *px);
+/* Copies the n_floats cached embedding floats of px into out; false (a miss) when absent. */
+bool vlmd_imgcache_get(vlmd_imgcache *c, uint64_t key, const vlm_pixels *px, float *out, int64_t n_floats);
+void vlmd_imgcache_put(vlmd_imgcache *c, uint64_t key, const vlm_pixels *px, const float *emb, int64_t n_floats);
+void vlmd_imgcache_stats(const vlmd_imgcache *c, vlmd_imgcache_counts *s); /* zeros for NULL */
+
 /* Runs the vision encoder on every image of the prompt (CPU heavy: call from the thread that
- * owns compute). No-op for prompts without images. */
-vlm_status vlmd_prompt_encode_images(const vlmd_bundle *b, vlmd_prompt *p, char *err, size_t errlen);
+ * owns compute), or takes its embeddings from cache (may be NULL). No-op for prompts without
+ * images. */
+vlm_status vlmd_prompt_encode_images(const vlmd_bundle *b, vlmd_prompt *p, vlmd_imgcache *cache, char *err,
+                                     size_t errlen);
 
 /* Points a sequence descriptor at the prompt (ids and encoded images); the prompt must outlive
  * vlm_engine_add (which copies). Sampling/max_tokens are the caller's. */

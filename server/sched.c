@@ -36,6 +36,7 @@ struct vlmd_sched {
     int64_t max_seq_tokens;
     /* engine-thread only */
     vlm_engine *eng;
+    vlmd_imgcache *imgcache;     /* NULL with --image-cache-memory 0 */
     vlmd_req **active;
     int n_active, cap_active;
     int active_seqs;
@@ -224,7 +225,7 @@ static bool admit(vlmd_sched *s, vlmd_req *r) {
     }
     pthread_mutex_unlock(&r->mu);
     if (cancelled) return false;
-    vlm_status st = vlmd_prompt_encode_images(s->b, &r->prompt, err, sizeof err);
+    vlm_status st = vlmd_prompt_encode_images(s->b, &r->prompt, s->imgcache, err, sizeof err);
     if (st != VLM_OK) {
         pthread_mutex_lock(&r->mu);
         fail_req(r, vlmd_err_from_status(st), err);
@@ -394,6 +395,7 @@ static void *engine_main(void *arg) {
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     if (st != VLM_OK) return NULL;
+    s->imgcache = vlmd_imgcache_new(s->cfg->image_cache_memory);
 
     int max_ev = 2 * (s->cfg->max_seqs + s->cfg->max_n) + 16;
     vlm_token_event *ev = calloc((size_t)max_ev, sizeof *ev);
@@ -492,9 +494,14 @@ static void *engine_main(void *arg) {
         drop_finished(s);
         vlm_engine_get_stats(s->eng, &es);
         vlmd_metrics_engine(s->m, qlen, &es);
+        vlmd_imgcache_counts ic;
+        vlmd_imgcache_stats(s->imgcache, &ic);
+        vlmd_metrics_imgcache(s->m, &ic);
         (void)err;
     }
     free(ev);
+    vlmd_imgcache_free(s->imgcache);
+    s->imgcache = NULL;
     free(s->active);
     s->active = NULL;
     vlm_engine_free(s->eng);

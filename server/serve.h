@@ -55,6 +55,7 @@ typedef struct {
     bool allow_private_media;
     double media_timeout;
     bool no_prefix_cache;     /* engine: recompute every prompt (no KV reuse across requests) */
+    int64_t image_cache_memory; /* bytes of image embeddings kept across requests; 0 = none */
     char config[1024];
     int tp;                   /* tensor-parallel ranks */
     char backend[16];         /* "cpu" or "cuda" */
@@ -163,6 +164,7 @@ void vlmd_metrics_itl(vlmd_metrics *m, double seconds);
 void vlmd_metrics_e2e(vlmd_metrics *m, double seconds);
 void vlmd_metrics_tokens(vlmd_metrics *m, int64_t prompt, int64_t generated, double now);
 void vlmd_metrics_engine(vlmd_metrics *m, int queue_depth, const vlm_engine_stats *s);
+void vlmd_metrics_imgcache(vlmd_metrics *m, const vlmd_imgcache_counts *c);
 /* Prometheus text exposition format, malloc'd. */
 char *vlmd_metrics_render(vlmd_metrics *m, double now);
 

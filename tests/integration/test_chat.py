@@ -132,28 +132,38 @@ def _metric(server, name):
 def test_prefix_cache_reuse(server, client, tokenizer):
     """Automatic prefix cache: the same image prompt again reads every full KV page but the one with
     its last token from the cache (pages of 16 tokens), says so in usage.prompt_tokens_details and
-    /metrics, and still gives the reference's greedy tokens."""
+    /metrics, and still gives the reference's greedy tokens. Its image comes from the image cache
+    (no vision encoder run)."""
     case = fixture_case("image")
     kw = dict(model=MODEL, messages=case_messages(case), max_tokens=32, extra_body=dict(GREEDY, ignore_eos=True))
     want = tokenizer.decode(case["greedy_ids"], skip_special_tokens=True)
     a = client.chat.completions.create(**kw)
     hits0 = _metric(server, "vlmd_prefix_cache_hits_total")
+    img0 = _metric(server, "vlmd_image_cache_hits_total")
+    miss0 = _metric(server, "vlmd_image_cache_misses_total")
     b = client.chat.completions.create(**kw)
     full = (case["n_prompt"] - 1) // 16 * 16
     assert b.usage.prompt_tokens == case["n_prompt"] and b.usage.prompt_tokens_details.cached_tokens == full
     assert a.choices[0].message.content == b.choices[0].message.content == want
     assert _metric(server, "vlmd_prefix_cache_hits_total") - hits0 == full
+    assert _metric(server, "vlmd_image_cache_hits_total") - img0 == 1
+    assert _metric(server, "vlmd_image_cache_misses_total") == miss0
+    assert _metric(server, "vlmd_image_cache_bytes") > 0
     assert _metric(server, "vlmd_prefix_cache_queries_total") >= 2 * case["n_prompt"]
 
 
 def test_prefix_cache_off():
-    srv = start_server("--no-prefix-cache")
+    srv = start_server("--no-prefix-cache", "--image-cache-memory", "0")
     try:
-        case = fixture_case("text")
+        case = fixture_case("image")
+        out = []
         for _ in range(2):
-            st, _, body = srv.chat(case_messages(case), max_tokens=4, **GREEDY)
+            st, _, body = srv.chat(case_messages(case), max_tokens=8, ignore_eos=True, **GREEDY)
             assert st == 200 and body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+            out.append(body["choices"][0]["message"]["content"])
+        assert out[0] == out[1]
         assert _metric(srv, "vlmd_prefix_cache_hits_total") == 0
+        assert _metric(srv, "vlmd_image_cache_hits_total") == 0 and _metric(srv, "vlmd_image_cache_bytes") == 0
         assert "prefix cache off" in srv.log_text()
     finally:
         assert srv.stop() == 0

@@ -417,6 +417,58 @@ static void test_sse_framing(void) {
     vlmd_req_release(r);
 }
 
+/* The image-embedding cache (server/imgcache.c): hits only on the same pixels and grid, copies the
+ * stored floats, evicts least recently used past its byte budget, never stores an entry larger than
+ * the budget, and is absent at budget 0. */
+static void test_imgcache(void) {
+    CHECK(vlmd_imgcache_new(0) == NULL);
+    vlmd_imgcache_counts st;
+    vlmd_imgcache_stats(NULL, &st);
+    CHECK(st.entries == 0 && st.hits == 0);
+    enum { NP = 8, PD = 12, NF = 64 };
+    float pix[4][NP * PD], emb[4][NF], out[NF];
+    vlm_pixels px[4];
+    for (int k = 0; k < 4; k++) {
+        for (int i = 0; i < NP * PD; i++) pix[k][i] = (float)(i % 7) * 0.25f;
+        pix[k][5] += (float)k; /* four different images */
+        for (int i = 0; i < NF; i++) emb[k][i] = (float)(k * 1000 + i);
+        px[k] = (vlm_pixels){.pixel_values = pix[k], .n_patches = NP, .patch_dim = PD, .grid_thw = {1, 2, 4},
+                             .n_tokens = 2};
+    }
+    vlmd_imgcache *c = vlmd_imgcache_new(2 * NF * (int64_t)sizeof(float)); /* room for two entries */
+    CHECK(c != NULL);
+    if (!c) return;
+    uint64_t key[4];
+    for (int k = 0; k < 4; k++) key[k] = vlmd_imgcache_key(c, &px[k]);
+    CHECK(key[0] != key[1] && key[0] == vlmd_imgcache_key(c, &px[0]));
+    CHECK(!vlmd_imgcache_get(c, key[0], &px[0], out, NF));
+    vlmd_imgcache_put(c, key[0], &px[0], emb[0], NF);
+    vlmd_imgcache_put(c, key[1], &px[1], emb[1], NF);
+    memset(out, 0, sizeof out);
+    CHECK(vlmd_imgcache_get(c, key[0], &px[0], out, NF) && !memcmp(out, emb[0], sizeof out)); /* 0 most recent */
+    vlmd_imgcache_put(c, key[2], &px[2], emb[2], NF);                                        /* evicts 1 */
+    CHECK(!vlmd_imgcache_get(c, key[1], &px[1], out, NF));
+    CHECK(vlmd_imgcache_get(c, key[2], &px[2], out, NF) && !memcmp(out, emb[2], sizeof out));
+    CHECK(vlmd_imgcache_get(c, key[0], &px[0], out, NF) && !memcmp(out, emb[0], sizeof out));
+    /* the same key with another grid is not a hit */
+    vlm_pixels other = px[0];
+    other.grid_thw[1] = 4;
+    other.grid_thw[2] = 2;
+    CHECK(!vlmd_imgcache_get(c, key[0], &other, out, NF));
+    /* one pixel changed: another key */
+    memcpy(pix[3], pix[0], sizeof pix[3]);
+    pix[3][NP * PD - 1] += 1e-6f;
+    CHECK(vlmd_imgcache_key(c, &px[3]) != key[0]);
+    /* larger than the whole budget: not stored, nothing evicted */
+    float big[3 * NF] = {0};
+    vlmd_imgcache_put(c, key[3], &px[3], big, 3 * NF);
+    vlmd_imgcache_stats(c, &st);
+    CHECK(st.entries == 2 && st.bytes == 2 * NF * (int64_t)sizeof(float));
+    CHECK_EQ_INT(st.hits, 3);
+    CHECK_EQ_INT(st.misses, 3);
+    vlmd_imgcache_free(c);
+}
+
 int main(void) {
     RUN(test_error_table);
     RUN(test_stop_scan);
@@ -425,5 +477,6 @@ int main(void) {
     RUN(test_config);
     RUN(test_metrics);
     RUN(test_sse_framing);
+    RUN(test_imgcache);
     TEST_MAIN_END("server");
 }

@@ -405,8 +405,11 @@ const char *vlm_cpu_describe(void) {
     else
         snprintf(gemm, sizeof gemm, "openblas");
     char batch[64] = "";
-    const int64_t small_hi = s_smalln_max_rows > 0 && s_path == VLM_CPU_AVX512 ? s_smalln_max_rows : 0;
-    if (small_hi >= 4) snprintf(batch, sizeof batch, " batch(4<=n<=%lld)=smalln-avx512-8x2", (long long)small_hi);
+    const int64_t small_hi = s_smalln_max_rows > 0 && s_path >= VLM_CPU_AVX2 ? s_smalln_max_rows : 0;
+    if (small_hi >= 4)
+        snprintf(batch, sizeof batch, " batch(4<=n<=%lld)=%s", (long long)small_hi,
+                 s_path == VLM_CPU_AVX2 ? "smalln-avx2-4x2"
+                 : vlm_cpu_bf16_kernel() == VLM_BF16K_AVX512 ? "smalln-avx512bf16-8x2" : "smalln-avx512-8x2");
     const vlm_bf16_kernel bk = s_gemm_own ? vlm_cpu_bf16_kernel() : VLM_BF16K_NONE;
     const bool bf16_on = bk != VLM_BF16K_NONE;
     if (s_bf16_gain > 0)
@@ -418,7 +421,7 @@ const char *vlm_cpu_describe(void) {
              "%s; features=%s; linear_bf16=%s decode(n=1)=%s%s prefill(n>=%lld)=%s gemm_f32=%s; "
              "bf16_dot=%s; threads=%d",
              s_model, feats[0] ? feats : "none", s_path_names[s_path],
-             s_path == VLM_CPU_AVX512 ? "gemv-avx512" : s_path_names[s_path], batch,
+             s_path == VLM_CPU_AVX512 ? "gemv-avx512" : s_path == VLM_CPU_AVX2 ? "gemv-avx2" : s_path_names[s_path], batch,
              (long long)(small_hi >= s_gemm_min_rows ? small_hi + 1 : s_gemm_min_rows),
              s_gemm_min_rows > 0 ? (bf16_on ? vlm_gemm_bf16_kernel_name(bk) : gemm) : s_path_names[s_path],
              gemm, bf16, s_threads);
@@ -576,18 +579,24 @@ static int64_t smalln_chunk_pairs(int64_t pairs, int T) {
 
 static void linear_smalln(const float *x, int64_t n, int64_t k, const vlm_tensor *w,
                           const vlm_tensor *bias, float *y) {
-    const int64_t m = w->shape[0], npad = (n + 7) / 8 * 8, kp = (k + 31) / 32 * 32;
-    /* vdpbf16ps where the bf16 kernel choice is AVX512_BF16 (the probe found it faster than FMA) */
-    const bool bf16 = vlm_cpu_bf16_kernel() == VLM_BF16K_AVX512;
+    const int64_t m = w->shape[0];
+    /* AVX-512: 8-row groups, k blocks of 32; AVX2: 4-row groups, k blocks of 16 (cpu_internal.h);
+     * vdpbf16ps where the bf16 kernel choice is AVX512_BF16 (the probe found it faster than FMA) */
+    const bool avx2 = s_path == VLM_CPU_AVX2, bf16 = !avx2 && vlm_cpu_bf16_kernel() == VLM_BF16K_AVX512;
+    const int64_t R = avx2 ? 4 : 8, KB = avx2 ? 16 : 32;
+    const int64_t npad = (n + R - 1) / R * R, kp = (k + KB - 1) / KB * KB;
     float *xp = vlm_cpu_thread_buffer(VLM_CPU_BUF_SMALLN_X, (size_t)(npad * kp) * sizeof(float));
     const int64_t pairs = (m + 1) / 2;
 #pragma omp parallel
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        if (bf16)
-            vlm_smalln_pack_x_bf16(x, n, k, npad * t / T, npad * (t + 1) / T, kp, (uint16_t *)xp);
+        const int64_t i0 = npad * t / T, i1 = npad * (t + 1) / T;
+        if (avx2)
+            vlm_smalln_permute_x_avx2(x, n, k, i0, i1, kp, xp);
+        else if (bf16)
+            vlm_smalln_pack_x_bf16(x, n, k, i0, i1, kp, (uint16_t *)xp);
         else
-            vlm_smalln_permute_x(x, n, k, npad * t / T, npad * (t + 1) / T, kp, xp);
+            vlm_smalln_permute_x(x, n, k, i0, i1, kp, xp);
 #pragma omp barrier
         /* chunks of weight-row pairs, taken dynamically: a thread the OS preempts (HTTP threads,
          * the client on a small machine) no longer holds up the whole product at the barrier */
@@ -596,10 +605,13 @@ static void linear_smalln(const float *x, int64_t n, int64_t k, const vlm_tensor
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; c++) {
             const int64_t j0 = c * chunk * 2, j1e = (c + 1) * chunk * 2, j1 = j1e < m ? j1e : m;
-            if (bf16)
-                vlm_linear_smalln_bf16((const uint16_t *)xp, n, npad, kp, k, (const uint16_t *)w->data, j0, j1, y, m);
+            const uint16_t *wd = (const uint16_t *)w->data;
+            if (avx2)
+                vlm_linear_smalln_avx2(xp, n, npad, kp, k, wd, j0, j1, y, m);
+            else if (bf16)
+                vlm_linear_smalln_bf16((const uint16_t *)xp, n, npad, kp, k, wd, j0, j1, y, m);
             else
-                vlm_linear_smalln_avx512(xp, n, npad, kp, k, (const uint16_t *)w->data, j0, j1, y, m);
+                vlm_linear_smalln_avx512(xp, n, npad, kp, k, wd, j0, j1, y, m);
             if (bias)
                 for (int64_t i = 0; i < n; i++)
                     for (int64_t j = j0; j < j1; j++) y[i * m + j] += elem_at(bias->data, bias->dtype, j);
@@ -618,7 +630,7 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
         CPU_ASSERT(bias->ndim == 1 && bias->shape[0] == m);
     }
     if (n == 0 || m == 0) return;
-    if (n >= 4 && n <= s_smalln_max_rows && k > 0 && w->dtype == VLM_BF16 && s_path == VLM_CPU_AVX512)
+    if (n >= 4 && n <= s_smalln_max_rows && k > 0 && w->dtype == VLM_BF16 && s_path >= VLM_CPU_AVX2)
         return linear_smalln(x, n, k, w, bias, y);
     if (s_gemm_min_rows > 0 && n >= s_gemm_min_rows && k > 0) {
         linear_gemm(x, n, k, w, y);
@@ -638,7 +650,7 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
     const vlm_dot_rows_fn dot = s_kernels[s_path];
     const size_t esz = elem_size(w->dtype);
     const vlm_dtype dt = w->dtype;
-    if (n == 1 && s_path == VLM_CPU_AVX512) {
+    if (n == 1 && s_path >= VLM_CPU_AVX2) {
         /* decode: each thread streams one contiguous block of rows (a multiple of 4, so the
          * kernel's 4-row groups never straddle threads) straight into y */
         const int64_t groups = (m + 3) / 4;
@@ -648,8 +660,8 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
             const int64_t r0 = groups * t / T * 4, r1 = groups * (t + 1) / T * 4;
             const int64_t hi = r1 < m ? r1 : m;
             if (r0 < hi) {
-                vlm_gemv_avx512(x, k, (const char *)w->data + (size_t)r0 * (size_t)k * esz,
-                                (size_t)k * esz, hi - r0, dt, y + r0);
+                (s_path == VLM_CPU_AVX512 ? vlm_gemv_avx512 : vlm_gemv_avx2)(
+                    x, k, (const char *)w->data + (size_t)r0 * (size_t)k * esz, (size_t)k * esz, hi - r0, dt, y + r0);
                 if (bias)
                     for (int64_t j = r0; j < hi; j++) y[j] += elem_at(bias->data, bias->dtype, j);
             }

@@ -4,6 +4,7 @@
  * products and sums are f32. Compiled with per-function target attributes; cpu.c only calls it
  * when the CPU reports avx512f and avx512bw. */
 #include "runtime/cpu_internal.h"
+#include "runtime/cpu_smalln.h"
 
 #include <immintrin.h>
 
@@ -173,11 +174,6 @@ vlm_gemv_avx512(const float *x, int64_t k, const void *w, size_t ldw_bytes, int6
  * (reduce16) and added into y. Rows past n are zero padding (computed, never stored). */
 #define SMALLN_R 8
 #define SMALLN_KC 1024
-/* Weight rows per block when the x chunks of all rows do not fit L1 (n > 8): every group runs over one block
- * (256 rows x 2 KiB chunk = 512 KiB, L2) before the next, so the weights come from DRAM once
- * instead of once per group. Batch-16 decode in the 2B-size model: 46.4 -> 50.6 t/s; lm_head at
- * n = 16: 55 -> 43 ms (bench in docs/cpu-kernels.md). */
-#define SMALLN_JB 256
 
 void vlm_smalln_permute_x(const float *x, int64_t n, int64_t k, int64_t i0, int64_t i1, int64_t kp,
                           float *xp) {
@@ -289,24 +285,6 @@ T512 void smalln_tile4(const float *xp, const uint16_t *w0, const uint16_t *w1, 
 #undef SMALLN_ROW
 #undef SMALLN_WIDEN
 
-/* A tile's sums s[r * 8 + i] (weight row j + r, x row g + i) into y: written for the first k
- * chunk (tc == 0), added after; rows past n and a missing second column are skipped. */
-static inline void smalln_store(const float *s, int64_t n, int64_t g, int64_t j, bool pair, int64_t tc,
-                                float *y, int64_t ldy) {
-    const int64_t rows = n - g < SMALLN_R ? n - g : SMALLN_R;
-    for (int64_t i = 0; i < rows; i++) {
-        float *yi = y + (g + i) * ldy + j;
-        yi[0] = tc ? yi[0] + s[i] : s[i];
-        if (pair) yi[1] = tc ? yi[1] + s[SMALLN_R + i] : s[SMALLN_R + i];
-    }
-}
-
-/* A tile kernel for the driver below: out[r * 8 + i] = x row g + i . weight row w0 (r = 0) / w1
- * (r = 1) over [t0, t1), xg the group's block 0, rows the group's real rows (at most 8). */
-typedef void (*smalln_tile_fn)(const void *xg, int64_t rows, const uint16_t *w0, const uint16_t *w1,
-                               int64_t k, int64_t t0, int64_t t1, const uint16_t *pf0,
-                               const uint16_t *pf1, float *out);
-
 __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void smalln_tile_f32(
     const void *xg, int64_t rows, const uint16_t *w0, const uint16_t *w1, int64_t k, int64_t t0,
     int64_t t1, const uint16_t *pf0, const uint16_t *pf1, float *out) {
@@ -316,51 +294,9 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) static inline void sm
         smalln_tile(xg, w0, w1, k, t0, t1, pf0, pf1, out);
 }
 
-/* One 8-row x 2-column tile (x rows g.., weight rows j, j+1) over the k chunk [tc, te), into y. */
-__attribute__((always_inline)) static inline void smalln_one(smalln_tile_fn tile, const void *x, size_t esz, int64_t n, int64_t kp,
-                              int64_t k, const uint16_t *w, int64_t j, int64_t j1, int64_t g, int64_t tc,
-                              int64_t te, float *y, int64_t ldy) {
-    const bool pair = j + 1 < j1;
-    const uint16_t *w0 = w + j * k, *w1 = pair ? w0 + k : w0;
-    const int64_t jn = j + 2 < j1 ? j + 2 : j; /* prefetch the next pair's chunk */
-    const uint16_t *p0 = w + jn * k, *p1 = jn + 1 < j1 ? p0 + k : p0;
-    float s[16];
-    /* group g / 8 starts at row g's block 0 */
-    tile((const char *)x + (size_t)(g * kp) * esz, n - g, w0, w1, k, tc, te, p0, p1, s);
-    smalln_store(s, n, g, j, pair, tc, y, ldy);
-}
-
-/* y[i * ldy + j] = x row i . W row j for i < n, j0 <= j < j1, x in the tile kernel's layout (esz
- * bytes per element, npad x kp), k in chunks of kc. Loop order: while the x chunk of all rows fits
- * L1 (32 KiB: n <= 8 for f32, n <= 16 for bf16), each weight pair's chunk is used by every row
- * group right after it arrives (weights read once from memory). Beyond that the row groups go
- * inside blocks of SMALLN_JB weight rows, so one group's x chunk stays in L1 while it runs over the
- * block and the later groups find the block in L2. Inlined into each entry point, so the tile
- * call is direct there (as an indirect call per tile it cost ~4% in cache). */
-__attribute__((always_inline)) static inline void smalln_drive(smalln_tile_fn tile, const void *x, size_t esz, int64_t kc, int64_t n,
-                         int64_t npad, int64_t kp, int64_t k, const uint16_t *w, int64_t j0, int64_t j1,
-                         float *y, int64_t ldy) {
-    const bool x_in_l1 = npad * kc * (int64_t)esz <= 32768;
-    for (int64_t tc = 0; tc < k; tc += kc) {
-        const int64_t te = tc + kc < kp ? tc + kc : kp;
-        if (x_in_l1) {
-            for (int64_t j = j0; j < j1; j += 2)
-                for (int64_t g = 0; g < npad; g += SMALLN_R)
-                    smalln_one(tile, x, esz, n, kp, k, w, j, j1, g, tc, te, y, ldy);
-        } else {
-            for (int64_t jb = j0; jb < j1; jb += SMALLN_JB) {
-                const int64_t je = jb + SMALLN_JB < j1 ? jb + SMALLN_JB : j1;
-                for (int64_t g = 0; g < npad; g += SMALLN_R)
-                    for (int64_t j = jb; j < je; j += 2)
-                        smalln_one(tile, x, esz, n, kp, k, w, j, j1, g, tc, te, y, ldy);
-            }
-        }
-    }
-}
-
 __attribute__((target("avx512f,avx512bw"))) void vlm_linear_smalln_avx512(const float *xp, int64_t n, int64_t npad, int64_t kp, int64_t k,
                               const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy) {
-    smalln_drive(smalln_tile_f32, xp, sizeof(float), SMALLN_KC, n, npad, kp, k, w, j0, j1, y, ldy);
+    smalln_drive(smalln_tile_f32, SMALLN_R, xp, sizeof(float), SMALLN_KC, n, npad, kp, k, w, j0, j1, y, ldy);
 }
 
 /* ---- small-n BF16 linear with AVX512_BF16 (vdpbf16ps), for CPUs where the throughput probe
@@ -419,5 +355,5 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inl
 
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void vlm_linear_smalln_bf16(const uint16_t *xb, int64_t n, int64_t npad, int64_t kp, int64_t k,
                             const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy) {
-    smalln_drive(smalln_tile_bf16, xb, sizeof(uint16_t), SMALLN_BF16_KC, n, npad, kp, k, w, j0, j1, y, ldy);
+    smalln_drive(smalln_tile_bf16, SMALLN_R, xb, sizeof(uint16_t), SMALLN_BF16_KC, n, npad, kp, k, w, j0, j1, y, ldy);
 }

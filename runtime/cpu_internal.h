@@ -31,6 +31,9 @@ void vlm_dot_rows_avx512(const float *x, int64_t ldx, int nx, int64_t k, const v
  * w + r * ldw_bytes in dtype dt; four rows streamed side by side with software prefetch. */
 void vlm_gemv_avx512(const float *x, int64_t k, const void *w, size_t ldw_bytes, int64_t rows,
                      vlm_dtype dt, float *out);
+/* The same with AVX2 + FMA (+ F16C), cpu_avx2.c. */
+void vlm_gemv_avx2(const float *x, int64_t k, const void *w, size_t ldw_bytes, int64_t rows,
+                   vlm_dtype dt, float *out);
 
 /* The calling thread's work buffer `which`, at least `bytes`, 64-byte aligned; kept (and grown)
  * across calls and freed when the thread exits (cpu.c). Contents are undefined on return. */
@@ -52,6 +55,14 @@ void vlm_linear_smalln_avx512(const float *xp, int64_t n, int64_t npad, int64_t 
 void vlm_smalln_pack_x_bf16(const float *x, int64_t n, int64_t k, int64_t i0, int64_t i1, int64_t kp,
                             uint16_t *xb);
 void vlm_linear_smalln_bf16(const uint16_t *xb, int64_t n, int64_t npad, int64_t kp, int64_t k,
+                            const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy);
+
+/* The small-n BF16 product on AVX2 (cpu_avx2.c): x permuted into xp (npad = n rounded up to 4,
+ * kp = k rounded up to 16, zero padded, 32-byte aligned, [row group of 4][k block of 16][4][16])
+ * by vlm_smalln_permute_x_avx2 for rows [i0, i1), then the same y as vlm_linear_smalln_avx512. */
+void vlm_smalln_permute_x_avx2(const float *x, int64_t n, int64_t k, int64_t i0, int64_t i1, int64_t kp,
+                               float *xp);
+void vlm_linear_smalln_avx2(const float *xp, int64_t n, int64_t npad, int64_t kp, int64_t k,
                             const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy);
 
 /* Largest n for which vlm_linear takes the small-n kernel (bf16 weights on the AVX-512 path); 0

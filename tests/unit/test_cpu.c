@@ -173,23 +173,29 @@ static void test_linear_every_path(void) {
 static const int64_t SMALLN_SHAPES[][3] = {{16, 100, 1100}, {23, 1536, 777}, {9, 33, 2050}, {4, 1536, 301},
                                            {5, 100, 64},    {12, 47, 600},   {20, 1536, 33}};
 
-/* The small-n bf16 kernel (AVX-512) at every n of the table (odd m, k not a multiple of 32, k < 32,
- * n not a multiple of its 8-row tile, bias). */
+/* The small-n bf16 kernels (AVX-512: 8-row groups, AVX2: 4-row groups) at every n of the table
+ * (odd m, k not a multiple of the k block, k < the block, n not a multiple of the row group, bias),
+ * each on every path this CPU runs. */
 static void test_linear_smalln_path(void) {
-    if (vlm_cpu_force_path("avx512") != 0) {
-        fprintf(stderr, "  smalln: no AVX-512 on this CPU, skipped\n");
-        return;
-    }
     const int64_t old = vlm_cpu_set_smalln_max_rows(1 << 20);
-    linear_cases("smalln-avx512");
-    /* SMALLN_SHAPES: several row blocks per thread and the 4-row tile */
-    double worst = 0;
-    for (int i = 0; i < LEN(SMALLN_SHAPES); i++) {
-        const double e = linear_case("smalln-avx512 blocks", VLM_BF16, SMALLN_SHAPES[i][0], SMALLN_SHAPES[i][1],
-                                     SMALLN_SHAPES[i][2], i % 3, false);
-        if (e > worst) worst = e;
+    const char *paths[] = {"avx512", "avx2"};
+    for (int p = 0; p < LEN(paths); p++) {
+        if (vlm_cpu_force_path(paths[p]) != 0) {
+            fprintf(stderr, "  smalln-%s: not supported by this CPU, skipped\n", paths[p]);
+            continue;
+        }
+        char label[64];
+        snprintf(label, sizeof label, "smalln-%s", paths[p]);
+        linear_cases(label);
+        /* SMALLN_SHAPES: several row blocks per thread and the 4-row tile */
+        double worst = 0;
+        for (int i = 0; i < LEN(SMALLN_SHAPES); i++) {
+            const double e = linear_case(label, VLM_BF16, SMALLN_SHAPES[i][0], SMALLN_SHAPES[i][1],
+                                         SMALLN_SHAPES[i][2], i % 3, false);
+            if (e > worst) worst = e;
+        }
+        fprintf(stderr, "  %s several row blocks: worst error %.3f of tolerance\n", label, worst);
     }
-    fprintf(stderr, "  smalln-avx512 several row blocks: worst error %.3f of tolerance\n", worst);
     vlm_cpu_set_smalln_max_rows(old);
     CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
 }

@@ -90,6 +90,9 @@ typedef struct vlm_backend_ops {
     /* row i's k/v go to KV slot host_slots[i] (= page * page_tokens + offset) of layer */
     void (*kv_write)(vlm_backend *b, vlm_kv_pool *kv, int layer, const int64_t *host_slots, int64_t n,
                      const float *k, const float *v);
+    /* K and V of n consecutive slots from src_slot to dst_slot (same page-relative offsets, no
+     * overlap), in every layer: the prefix cache's partial-page reuse */
+    void (*kv_copy)(vlm_backend *b, vlm_kv_pool *kv, int64_t src_slot, int64_t dst_slot, int64_t n);
     /* causal attention over paged KV for decode rows and prefill chunks: q, out [R, n_heads * hd];
      * query head h uses KV head h / (n_heads / n_kv_heads); softmax in f32 with scores * scale */
     void (*attention)(vlm_backend *b, vlm_kv_pool *kv, int layer, const vlm_attn_seq *host_seqs, int n_seqs,

@@ -206,6 +206,14 @@ static void cpu_kv_write(vlm_backend *b, vlm_kv_pool *kv, int layer, const int64
     }
 }
 
+static void cpu_kv_copy(vlm_backend *b, vlm_kv_pool *kv, int64_t src, int64_t dst, int64_t n) {
+    (void)b;
+    for (int l = 0; l < kv->n_layers; l++) {
+        memcpy(kv_slot(kv, kv->k, l, dst), kv_slot(kv, kv->k, l, src), (size_t)(n * kv->kvd) * sizeof(float));
+        memcpy(kv_slot(kv, kv->v, l, dst), kv_slot(kv, kv->v, l, src), (size_t)(n * kv->kvd) * sizeof(float));
+    }
+}
+
 /* Attention of a prefill chunk: rows s->start.. of sequence s over its tokens 0..start+n-1.
  * q, out: rows of stride nh*hd. The context's K and V rows are gathered from the pages into
  * contiguous [T, kvd] buffers, then the blocked causal attention (cpu_attn.c: online softmax,
@@ -323,6 +331,7 @@ static const vlm_backend_ops CPU_OPS = {
     .linear = cpu_linear,
     .rope = cpu_rope,
     .kv_write = cpu_kv_write,
+    .kv_copy = cpu_kv_copy,
     .attention = cpu_attention,
     .swiglu = cpu_swiglu,
     .add = cpu_add,

@@ -50,6 +50,10 @@ typedef struct seq {
     int64_t n_keyed;
     bool started;          /* scheduled at least once */
     int64_t n_reused;      /* prompt tokens taken from the prefix cache when first scheduled */
+    /* a partial page taken from the prefix cache: rows [0, cp_rows) of registered page cp_src (held
+     * until copied) are copied into s's page cp_dst at the start of the next step s is in */
+    int32_t cp_src, cp_dst;
+    int64_t cp_rows;
     vlm_sampling sp;
     vlm_rng rng;
     int max_tokens, n_gen;
@@ -115,6 +119,8 @@ struct vlm_engine {
     const float **img_src;       /* [n_img] host rows of hidden floats */
     vlm_attn_seq *aseq;
     int n_aseq;
+    int64_t (*copies)[3];        /* [max_seqs] partial-page copies: src slot, dst slot, rows */
+    int n_copies;
     int64_t *sample_rows;
     int64_t n_sample;
     float *logits;               /* [max_seqs, vocab] host, gathered from all ranks */
@@ -413,9 +419,10 @@ vlm_status vlm_engine_create(vlm_model *m, const vlm_engine_opts *opts, vlm_engi
     e->img_rows = malloc((size_t)R * sizeof *e->img_rows);
     e->img_src = malloc((size_t)R * sizeof *e->img_src);
     e->aseq = malloc((size_t)e->o.max_seqs * sizeof *e->aseq);
+    e->copies = malloc((size_t)e->o.max_seqs * sizeof *e->copies);
     e->sample_rows = malloc((size_t)e->o.max_seqs * sizeof *e->sample_rows);
     if (!e->pool || !e->logits || !e->row_seq || !e->row_idx || !e->row_ids || !e->row_slot || !e->h_cs ||
-        !e->h_sn || !e->img_rows || !e->img_src || !e->aseq || !e->sample_rows) {
+        !e->h_sn || !e->img_rows || !e->img_src || !e->aseq || !e->copies || !e->sample_rows) {
         vlm_engine_free(e);
         return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory for the engine");
     }
@@ -470,7 +477,7 @@ void vlm_engine_free(vlm_engine *e) {
     vlm_pages_free(e->pool);
     free(e->logits); free(e->row_seq); free(e->row_idx); free(e->done_logits);
     free(e->row_ids); free(e->row_slot); free(e->h_cs); free(e->h_sn); free(e->img_rows); free(e->img_src);
-    free(e->aseq); free(e->sample_rows);
+    free(e->aseq); free(e->copies); free(e->sample_rows);
     free(e);
 }
 
@@ -619,7 +626,14 @@ void vlm_engine_get_stats(const vlm_engine *e, vlm_engine_stats *st) {
     st->work_bytes_rank = e->work_bytes_rank;
 }
 
+/* The source page of a partial-page copy stays held until the copy has run (or is dropped). */
+static void drop_copy(vlm_engine *e, seq *s) {
+    if (s->cp_rows > 0) vlm_pages_put(e->pool, s->cp_src);
+    s->cp_rows = 0;
+}
+
 static void release_pages(vlm_engine *e, seq *s) {
+    drop_copy(e, s);
     /* last page first: the idle LRU then recycles a sequence's tail before its prefix, which is
      * the part other prompts are likelier to share */
     for (int64_t i = s->n_pages - 1; i >= 0; i--) vlm_pages_put(e->pool, s->pages[i]);
@@ -678,6 +692,7 @@ static void rank_forward(rank *rk) {
     const vlm_model_config *c = &e->m->cfg;
     const int64_t R = e->R, H = c->hidden, hd = c->head_dim, half = hd / 2;
     const int64_t Q = rk->nh * hd, F = rk->F;
+    for (int i = 0; i < e->n_copies; i++) op->kv_copy(b, rk->kv, e->copies[i][0], e->copies[i][1], e->copies[i][2]);
     op->upload(b, rk->cs, e->h_cs, (size_t)(R * half) * sizeof(float));
     op->upload(b, rk->sn, e->h_sn, (size_t)(R * half) * sizeof(float));
     /* embeddings: this rank's vocab slice (zeros elsewhere and for image rows); image rows come from
@@ -749,8 +764,14 @@ static void prepare_step(vlm_engine *e, const sched *sc, int n_sc, int64_t R) {
     }
     e->n_aseq = n_sc;
     e->n_sample = 0;
+    e->n_copies = 0;
     int64_t r0 = 0;
     for (int k = 0; k < n_sc; k++) {
+        const seq *s = sc[k].s;
+        if (s->cp_rows > 0) {
+            int64_t *cp = e->copies[e->n_copies++];
+            cp[0] = (int64_t)s->cp_src * pt, cp[1] = (int64_t)s->cp_dst * pt, cp[2] = s->cp_rows;
+        }
         e->aseq[k] = (vlm_attn_seq){sc[k].s->pages, sc[k].s->n_pages, sc[k].start, sc[k].n, r0};
         r0 += sc[k].n;
         if (sc[k].sample) e->sample_rows[e->n_sample++] = r0 - 1; /* the last row of its chunk */
@@ -797,19 +818,48 @@ static uint64_t page_key(vlm_engine *e, seq *s, int64_t j) {
     return s->key[j];
 }
 
+/* Rows of s from token i0 on (at most max) that a partial-page match may cover: text rows only (an
+ * image row's K/V depend on its embedding, which the page table does not store), and never the
+ * last token, whose row must be computed for its logits. */
+static int64_t partial_rows(const vlm_engine *e, const seq *s, int64_t i0, int64_t max) {
+    const vlm_model_config *c = &e->m->cfg;
+    int64_t n = s->n_tok - 1 - i0 < max ? s->n_tok - 1 - i0 : max;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t t = i0 + i;
+        if ((t < s->n_prompt && s->img_row[t] >= 0) || s->tok[t] == c->image_token_id ||
+            s->tok[t] == c->video_token_id)
+            return i;
+    }
+    return n;
+}
+
 /* For a sequence holding no pages (new, or preempted): takes the longest run of its leading full
- * pages that the cache holds. The page with the last token is never taken, since that row must be
- * computed for its logits. */
+ * pages that the cache holds, then the longest agreeing start of a registered page that follows
+ * the last of them (copied into a page of s's own, kv_pages.c "Partial pages"). The page with the
+ * last token is never shared, since that row must be computed for its logits. */
 static void prefix_match(vlm_engine *e, seq *s) {
     const int64_t pt = e->o.page_tokens;
-    int64_t j = 0;
-    if (vlm_pages_cache_on(e->pool))
+    int64_t j = 0, part = 0;
+    if (vlm_pages_cache_on(e->pool)) {
         for (int64_t full = (s->n_tok - 1) / pt; j < full; j++) {
             int32_t g = vlm_pages_lookup(e->pool, page_key(e, s, j), s->tok + j * pt);
             if (g < 0) break;
             s->pages[s->n_pages++] = g;
         }
-    s->n_cached = j * pt;
+        const int64_t max = partial_rows(e, s, j * pt, pt);
+        int32_t g = max > 0 && vlm_pages_available(e->pool) > 0
+                        ? vlm_pages_lookup_partial(e->pool, j ? page_key(e, s, j - 1) : 0, s->tok + j * pt, max, &part)
+                        : -1;
+        int32_t d = g >= 0 ? vlm_pages_take(e->pool) : -1; /* g is held: never the page recycled */
+        if (d >= 0) {
+            s->pages[s->n_pages++] = d;
+            s->cp_src = g, s->cp_dst = d, s->cp_rows = part;
+        } else {
+            if (g >= 0) vlm_pages_put(e->pool, g);
+            part = 0;
+        }
+    }
+    s->n_cached = j * pt + part;
     if (!s->started) {
         s->started = true;
         s->n_reused = s->n_cached < s->n_prompt ? s->n_cached : s->n_prompt;
@@ -899,6 +949,7 @@ int vlm_engine_step(vlm_engine *e, vlm_token_event *ev, int max_events) {
     }
     if (R == 0) { free(sc); return n_ev; }
     run_step(e, sc, n_sc, R);
+    for (int k = 0; k < n_sc; k++) drop_copy(e, sc[k].s); /* copied in this step */
     int64_t li = 0;
     const int64_t V = e->m->cfg.vocab;
     const int64_t pt = e->o.page_tokens;
@@ -907,7 +958,8 @@ int vlm_engine_step(vlm_engine *e, vlm_token_event *ev, int max_events) {
         s->n_cached += sc[k].n;
         if (vlm_pages_cache_on(e->pool))
             for (int64_t j = sc[k].start / pt; j < s->n_cached / pt; j++)
-                vlm_pages_register(e->pool, s->pages[j], page_key(e, s, j), s->tok + j * pt);
+                vlm_pages_register(e->pool, s->pages[j], page_key(e, s, j), j ? page_key(e, s, j - 1) : 0,
+                                   s->tok + j * pt);
         if (!sc[k].sample) continue;
         const float *lg = e->logits + li * V;
         li++;

@@ -15,7 +15,17 @@
  * must never be able to pick up K/V that belong to different content. Token ids are also compared
  * exactly on a hit; image rows are covered by the keyed hash alone (storing the embeddings to compare
  * would cost as much memory as the K/V themselves). vLLM's automatic prefix caching follows the same
- * block-hash scheme. */
+ * block-hash scheme.
+ *
+ * Partial pages. Prompts that share fewer tokens than a page after their last common full page (a
+ * chat template's 14-token system preamble with 16-token pages, or the tail of an earlier turn) would
+ * recompute those rows. So registered pages are also chained by their parent's key, and a sequence
+ * whose next page has no full match takes the registered child of its last matched page (or, at the
+ * start, any first page) whose leading token ids agree longest with its own, and gets those rows
+ * copied into a page of its own (engine.c; the copy is per rank, in the backend). Equal parent key
+ * and equal token ids mean equal K/V for those rows: positions of text rows follow from the history,
+ * and engine.c never extends a partial match over an image row. SGLang's radix cache reuses at token
+ * granularity too. */
 #include "runtime/rt_internal.h"
 
 #include <stdlib.h>
@@ -34,6 +44,9 @@ struct vlm_page_pool {
     int32_t *tok;          /* [n_pages][pt] token ids, compared on a hit */
     int32_t *bucket;       /* [n_buckets] first page of the chain, -1 when empty */
     int32_t *chain;        /* [n_pages] next page in the same bucket */
+    uint64_t *parent;      /* [n_pages] key of the page before it */
+    int32_t *pbucket;      /* [n_buckets] by parent key, as bucket */
+    int32_t *pchain;       /* [n_pages] */
     int64_t n_buckets;
     int32_t *prev, *next;  /* LRU links */
     int32_t lru_head, lru_tail;
@@ -57,14 +70,18 @@ vlm_page_pool *vlm_pages_create(int64_t n_pages, int page_tokens, bool prefix_ca
     p->chain = malloc((size_t)n_pages * sizeof *p->chain);
     p->prev = malloc((size_t)n_pages * sizeof *p->prev);
     p->next = malloc((size_t)n_pages * sizeof *p->next);
-    if (!p->free || !p->ref || !p->reg || !p->key || !p->tok || !p->bucket || !p->chain || !p->prev || !p->next) {
+    p->parent = malloc((size_t)n_pages * sizeof *p->parent);
+    p->pbucket = malloc((size_t)p->n_buckets * sizeof *p->pbucket);
+    p->pchain = malloc((size_t)n_pages * sizeof *p->pchain);
+    if (!p->free || !p->ref || !p->reg || !p->key || !p->tok || !p->bucket || !p->chain || !p->prev || !p->next ||
+        !p->parent || !p->pbucket || !p->pchain) {
         vlm_pages_free(p);
         return NULL;
     }
     /* lowest page index handed out first (reverse stack) */
     for (int64_t i = 0; i < n_pages; i++) p->free[i] = (int32_t)(n_pages - 1 - i);
     p->n_free = n_pages;
-    for (int64_t i = 0; i < p->n_buckets; i++) p->bucket[i] = -1;
+    for (int64_t i = 0; i < p->n_buckets; i++) p->bucket[i] = p->pbucket[i] = -1;
     p->lru_head = p->lru_tail = -1;
     return p;
 }
@@ -72,7 +89,7 @@ vlm_page_pool *vlm_pages_create(int64_t n_pages, int page_tokens, bool prefix_ca
 void vlm_pages_free(vlm_page_pool *p) {
     if (!p) return;
     free(p->free); free(p->ref); free(p->reg); free(p->key); free(p->tok); free(p->bucket); free(p->chain);
-    free(p->prev); free(p->next);
+    free(p->prev); free(p->next); free(p->parent); free(p->pbucket); free(p->pchain);
     free(p);
 }
 
@@ -99,7 +116,16 @@ static void unregister(vlm_page_pool *p, int32_t g) {
     int32_t *at = &p->bucket[p->key[g] & (uint64_t)(p->n_buckets - 1)];
     while (*at != g) at = &p->chain[*at];
     *at = p->chain[g];
+    at = &p->pbucket[p->parent[g] & (uint64_t)(p->n_buckets - 1)];
+    while (*at != g) at = &p->pchain[*at];
+    *at = p->pchain[g];
     p->reg[g] = false;
+}
+
+/* One more holder of registered page g (off the idle LRU if it was idle). */
+static int32_t hold(vlm_page_pool *p, int32_t g) {
+    if (p->ref[g]++ == 0) lru_unlink(p, g);
+    return g;
 }
 
 int32_t vlm_pages_take(vlm_page_pool *p) {
@@ -128,13 +154,28 @@ int32_t vlm_pages_lookup(vlm_page_pool *p, uint64_t key, const int32_t *tok) {
     if (!p->cache_on) return -1;
     for (int32_t g = p->bucket[key & (uint64_t)(p->n_buckets - 1)]; g >= 0; g = p->chain[g]) {
         if (p->key[g] != key || memcmp(p->tok + (int64_t)g * p->pt, tok, (size_t)p->pt * sizeof *tok)) continue;
-        if (p->ref[g]++ == 0) lru_unlink(p, g);
-        return g;
+        return hold(p, g);
     }
     return -1;
 }
 
-void vlm_pages_register(vlm_page_pool *p, int32_t g, uint64_t key, const int32_t *tok) {
+int32_t vlm_pages_lookup_partial(vlm_page_pool *p, uint64_t parent, const int32_t *tok, int64_t max_rows,
+                                 int64_t *rows) {
+    *rows = 0;
+    if (!p->cache_on || max_rows <= 0) return -1;
+    if (max_rows > p->pt) max_rows = p->pt;
+    int32_t best = -1;
+    for (int32_t g = p->pbucket[parent & (uint64_t)(p->n_buckets - 1)]; g >= 0 && *rows < max_rows; g = p->pchain[g]) {
+        if (p->parent[g] != parent) continue;
+        const int32_t *t = p->tok + (int64_t)g * p->pt;
+        int64_t n = 0;
+        while (n < max_rows && t[n] == tok[n]) n++;
+        if (n > *rows) *rows = n, best = g;
+    }
+    return best < 0 ? -1 : hold(p, best);
+}
+
+void vlm_pages_register(vlm_page_pool *p, int32_t g, uint64_t key, uint64_t parent, const int32_t *tok) {
     if (!p->cache_on || p->reg[g]) return;
     int64_t b = (int64_t)(key & (uint64_t)(p->n_buckets - 1));
     for (int32_t h = p->bucket[b]; h >= 0; h = p->chain[h])
@@ -144,5 +185,9 @@ void vlm_pages_register(vlm_page_pool *p, int32_t g, uint64_t key, const int32_t
     memcpy(p->tok + (int64_t)g * p->pt, tok, (size_t)p->pt * sizeof *tok);
     p->chain[g] = p->bucket[b];
     p->bucket[b] = g;
+    const int64_t pb = (int64_t)(parent & (uint64_t)(p->n_buckets - 1));
+    p->parent[g] = parent;
+    p->pchain[g] = p->pbucket[pb];
+    p->pbucket[pb] = g;
     p->reg[g] = true;
 }

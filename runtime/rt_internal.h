@@ -46,6 +46,12 @@ void vlm_pages_put(vlm_page_pool *p, int32_t page);
 /* The registered page with this key and these page_tokens token ids, with one more holder; -1 if none. */
 int32_t vlm_pages_lookup(vlm_page_pool *p, uint64_t key, const int32_t *tok);
 /* Makes a full page findable by later prompts (no-op when the cache is off, the page is already
- * registered, or the same content is). */
-void vlm_pages_register(vlm_page_pool *p, int32_t page, uint64_t key, const int32_t *tok);
+ * registered, or the same content is). parent: the key of the page before it in its sequence (0 for
+ * a sequence's first page), for vlm_pages_lookup_partial. */
+void vlm_pages_register(vlm_page_pool *p, int32_t page, uint64_t key, uint64_t parent, const int32_t *tok);
+/* Of the registered pages that follow the page keyed parent (0: first pages), the one whose first
+ * token ids agree longest with tok[0..max_rows), with one more holder; *rows receives the agreeing
+ * count (>= 1). -1 when none agrees on its first token. */
+int32_t vlm_pages_lookup_partial(vlm_page_pool *p, uint64_t parent, const int32_t *tok, int64_t max_rows,
+                                 int64_t *rows);
 #endif

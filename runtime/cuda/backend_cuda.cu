@@ -609,6 +609,18 @@ static void cu_kv_write(vlm_backend *b, vlm_kv_pool *kv, int layer, const int64_
     CU_LAUNCHED(k_kv_write);
 }
 
+// one strided copy per pool: the layers are n_pages * pt slots apart, the n slots contiguous in each
+static void cu_kv_copy(vlm_backend *b, vlm_kv_pool *kv, int64_t src, int64_t dst, int64_t n) {
+    cuda_impl *p = enter(b);
+    if (n <= 0) return;
+    const size_t pitch = (size_t)(kv->n_pages * kv->pt * kv->kvd) * sizeof(float);
+    const size_t width = (size_t)(n * kv->kvd) * sizeof(float);
+    CU_FATAL(cudaMemcpy2DAsync(kv->k + dst * kv->kvd, pitch, kv->k + src * kv->kvd, pitch, width,
+                               (size_t)kv->n_layers, cudaMemcpyDeviceToDevice, p->st));
+    CU_FATAL(cudaMemcpy2DAsync(kv->v + dst * kv->kvd, pitch, kv->v + src * kv->kvd, pitch, width,
+                               (size_t)kv->n_layers, cudaMemcpyDeviceToDevice, p->st));
+}
+
 static void cu_attention(vlm_backend *b, vlm_kv_pool *kv, int layer, const vlm_attn_seq *seqs, int n_seqs, int64_t nh,
                          int64_t nkv, int64_t hd, float scale, const float *q, float *out) {
     cuda_impl *p = enter(b);
@@ -725,6 +737,7 @@ static const vlm_backend_ops CUDA_OPS = {
     cu_linear,
     cu_rope,
     cu_kv_write,
+    cu_kv_copy,
     cu_attention,
     cu_swiglu,
     cu_add,

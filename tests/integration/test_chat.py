@@ -130,10 +130,10 @@ def _metric(server, name):
 
 
 def test_prefix_cache_reuse(server, client, tokenizer):
-    """Automatic prefix cache: the same image prompt again reads every full KV page but the one with
-    its last token from the cache (pages of 16 tokens), says so in usage.prompt_tokens_details and
-    /metrics, and still gives the reference's greedy tokens. Its image comes from the image cache
-    (no vision encoder run)."""
+    """Automatic prefix cache: the same image prompt again reads every prompt token but its last
+    from the cache (the full 16-token pages, then the start of the page the first answer filled),
+    says so in usage.prompt_tokens_details and /metrics, and still gives the reference's greedy
+    tokens. Its image comes from the image cache (no vision encoder run)."""
     case = fixture_case("image")
     kw = dict(model=MODEL, messages=case_messages(case), max_tokens=32, extra_body=dict(GREEDY, ignore_eos=True))
     want = tokenizer.decode(case["greedy_ids"], skip_special_tokens=True)
@@ -142,7 +142,7 @@ def test_prefix_cache_reuse(server, client, tokenizer):
     img0 = _metric(server, "vlmd_image_cache_hits_total")
     miss0 = _metric(server, "vlmd_image_cache_misses_total")
     b = client.chat.completions.create(**kw)
-    full = (case["n_prompt"] - 1) // 16 * 16
+    full = case["n_prompt"] - 1
     assert b.usage.prompt_tokens == case["n_prompt"] and b.usage.prompt_tokens_details.cached_tokens == full
     assert a.choices[0].message.content == b.choices[0].message.content == want
     assert _metric(server, "vlmd_prefix_cache_hits_total") - hits0 == full

@@ -9,7 +9,8 @@
  * by exp(m_old - m_new)), then O += P V through the same GEMM. Memory per thread is
  * BQ x BK + BQ x D floats plus the GEMM's packing buffer, whatever the sequence length.
  * Tasks are independent, so (head, query block) pairs are split over the OpenMP threads and each
- * GEMM runs on its own thread. exp is vectorised on AVX-512 (relative error ~2 ulp, see vlm_exp512). */
+ * GEMM runs on its own thread. exp is vectorised on AVX-512 and AVX2 (relative error ~2 ulp, see
+ * vlm_exp512 / vlm_exp256). */
 #include "runtime/cpu_internal.h"
 
 #include <immintrin.h>
@@ -97,6 +98,53 @@ __attribute__((target("avx512f"))) static float softmax_row_avx512(float *s, int
     return corr;
 }
 
+/* The same on AVX2; the tail (nk % 8) goes through the scalar steps. */
+__attribute__((target("avx2,fma"))) static float softmax_row_avx2(float *s, int64_t nk, float scale, float *m,
+                                                                 float *l) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    __m256 vmx = _mm256_set1_ps(-INFINITY);
+    const int64_t nv = nk / 8 * 8;
+    for (int64_t j = 0; j < nv; j += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + j), vs);
+        _mm256_storeu_ps(s + j, v);
+        vmx = _mm256_max_ps(vmx, v);
+    }
+    float lane[8], mx = -INFINITY;
+    _mm256_storeu_ps(lane, vmx);
+    for (int i = 0; i < 8; i++) mx = lane[i] > mx ? lane[i] : mx;
+    for (int64_t j = nv; j < nk; j++) {
+        s[j] *= scale;
+        if (s[j] > mx) mx = s[j];
+    }
+    const float m_new = mx > *m ? mx : *m;
+    if (m_new == -INFINITY) {
+        memset(s, 0, (size_t)nk * sizeof(float));
+        return 1.0f;
+    }
+    const float corr = expf(*m - m_new);
+    const __m256 vm = _mm256_set1_ps(m_new);
+    __m256 vsum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nv; j += 8) {
+        const __m256 p = vlm_exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+        _mm256_storeu_ps(s + j, p);
+        vsum = _mm256_add_ps(vsum, p);
+    }
+    _mm256_storeu_ps(lane, vsum);
+    float sum = 0.0f;
+    for (int i = 0; i < 8; i++) sum += lane[i];
+    for (int64_t j = nv; j < nk; j++) {
+        s[j] = expf(s[j] - m_new);
+        sum += s[j];
+    }
+    *m = m_new;
+    *l = *l * corr + sum;
+    return corr;
+}
+
+static float (*softmax_row_for(vlm_cpu_path path))(float *, int64_t, float, float *, float *) {
+    return path == VLM_CPU_AVX512 ? softmax_row_avx512 : path == VLM_CPU_AVX2 ? softmax_row_avx2 : softmax_row_scalar;
+}
+
 void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const float *q, int64_t ldq,
                        const float *k, int64_t ldk, const float *v, int64_t ldv, float scale,
                        int64_t causal_offset, float *out, int64_t ldo) {
@@ -105,8 +153,7 @@ void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const floa
                ldo >= (int64_t)H * D);
     if (nq == 0) return;
     const vlm_cpu_path path = vlm_cpu_active_path();
-    float (*const row_fn)(float *, int64_t, float, float *, float *) =
-        path == VLM_CPU_AVX512 ? softmax_row_avx512 : softmax_row_scalar;
+    float (*const row_fn)(float *, int64_t, float, float *, float *) = softmax_row_for(path);
     const int64_t qblocks = (nq + ATT_BQ - 1) / ATT_BQ, tasks = qblocks * H;
     const int group = H / Hkv;
 #pragma omp parallel
@@ -226,22 +273,68 @@ __attribute__((target("avx512f"))) static void decode_pv_avx512(int64_t nk, int 
     }
 }
 
+/* AVX2 versions of the two decode products: 8-wide dots (scalar tail of D % 8) and 8 heads'
+ * accumulators per 8 columns of V. */
+__attribute__((target("avx2,fma"))) static void decode_scores_avx2(int64_t nk, int G, int D, const float *q,
+                                                                  const float *kpool, int64_t ld,
+                                                                  const int32_t *pages, int64_t pt, float *s) {
+    const int Dv = D / 8 * 8;
+    for (int64_t t = 0; t < nk; t++) {
+        const float *kr = kpool + ((int64_t)pages[t / pt] * pt + t % pt) * ld;
+        for (int g = 0; g < G; g++) {
+            const float *qg = q + g * D;
+            __m256 acc = _mm256_setzero_ps();
+            for (int j = 0; j < Dv; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j), _mm256_loadu_ps(kr + j), acc);
+            float lane[8], d = 0.0f;
+            _mm256_storeu_ps(lane, acc);
+            for (int i = 0; i < 8; i++) d += lane[i];
+            for (int j = Dv; j < D; j++) d += qg[j] * kr[j];
+            s[g * nk + t] = d;
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void decode_pv_avx2(int64_t nk, int G, int D, const float *p,
+                                                              const float *vpool, int64_t ld, const int32_t *pages,
+                                                              int64_t pt, float *out) {
+    const int Dv = D / 8 * 8;
+    for (int j = 0; j < Dv; j += 8)
+        for (int g0 = 0; g0 < G; g0 += 8) {
+            const int gn = G - g0 < 8 ? G - g0 : 8;
+            __m256 acc[8];
+            for (int g = 0; g < 8; g++) acc[g] = _mm256_setzero_ps();
+            for (int64_t t = 0; t < nk; t++) {
+                const __m256 vv = _mm256_loadu_ps(vpool + ((int64_t)pages[t / pt] * pt + t % pt) * ld + j);
+                for (int g = 0; g < gn; g++) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(p[(g0 + g) * nk + t]), vv, acc[g]);
+            }
+            for (int g = 0; g < gn; g++) _mm256_storeu_ps(out + (g0 + g) * D + j, acc[g]);
+        }
+    for (int g = 0; g < G; g++) /* the last D % 8 columns */
+        for (int j = Dv; j < D; j++) {
+            float a = 0.0f;
+            for (int64_t t = 0; t < nk; t++) a += p[g * nk + t] * vpool[((int64_t)pages[t / pt] * pt + t % pt) * ld + j];
+            out[g * D + j] = a;
+        }
+}
+
 void vlm_attention_decode_f32(int64_t nk, int G, int D, const float *q, const float *kpool,
                               const float *vpool, int64_t ld, const int32_t *pages, int64_t pt,
                               float scale, float *sbuf, float *out) {
     ATT_ASSERT(nk > 0 && G > 0 && D > 0 && pt > 0);
-    const bool avx512 = vlm_cpu_active_path() == VLM_CPU_AVX512;
-    if (avx512) decode_scores_avx512(nk, G, D, q, kpool, ld, pages, pt, sbuf);
+    const vlm_cpu_path path = vlm_cpu_active_path();
+    if (path == VLM_CPU_AVX512) decode_scores_avx512(nk, G, D, q, kpool, ld, pages, pt, sbuf);
+    else if (path == VLM_CPU_AVX2) decode_scores_avx2(nk, G, D, q, kpool, ld, pages, pt, sbuf);
     else decode_scores_scalar(nk, G, D, q, kpool, ld, pages, pt, sbuf);
     float inv[64 * 4];
     ATT_ASSERT(G <= (int)(sizeof inv / sizeof inv[0]));
+    float (*const row_fn)(float *, int64_t, float, float *, float *) = softmax_row_for(path);
     for (int g = 0; g < G; g++) {
         float m = -INFINITY, l = 0.0f;
-        if (avx512) softmax_row_avx512(sbuf + g * nk, nk, scale, &m, &l);
-        else softmax_row_scalar(sbuf + g * nk, nk, scale, &m, &l);
+        row_fn(sbuf + g * nk, nk, scale, &m, &l);
         inv[g] = l > 0.0f ? 1.0f / l : 0.0f;
     }
-    if (avx512) decode_pv_avx512(nk, G, D, sbuf, vpool, ld, pages, pt, out);
+    if (path == VLM_CPU_AVX512) decode_pv_avx512(nk, G, D, sbuf, vpool, ld, pages, pt, out);
+    else if (path == VLM_CPU_AVX2) decode_pv_avx2(nk, G, D, sbuf, vpool, ld, pages, pt, out);
     else decode_pv_scalar(nk, G, D, sbuf, vpool, ld, pages, pt, out);
     for (int g = 0; g < G; g++)
         for (int j = 0; j < D; j++) out[g * D + j] *= inv[g];

@@ -188,6 +188,22 @@ bool vlm_cpu_has_avx512bf16(void);
 int vlm_cpu_set_gemm_backend(const char *name);
 const char *vlm_cpu_gemm_backend(void);
 
+/* The shared core of vlm_exp512 / vlm_exp256, written once for both vector widths: with n =
+ * round(x / ln2), r = x - n ln2 (ln2 split in a high part exact in float and a low part) and
+ * p = e^r by its degree-6 Taylor polynomial (Horner). */
+#define VLM_EXP_REDUCE_POLY(FNMADD, FMADD, SET1, x, n, r, p)                                      \
+    do {                                                                                          \
+        r = FNMADD(n, SET1(0.693145751953125f), x);                                               \
+        r = FNMADD(n, SET1(1.428606765330187e-06f), r);                                           \
+        p = SET1(1.0f / 720);                                                                     \
+        p = FMADD(p, r, SET1(1.0f / 120));                                                        \
+        p = FMADD(p, r, SET1(1.0f / 24));                                                         \
+        p = FMADD(p, r, SET1(1.0f / 6));                                                          \
+        p = FMADD(p, r, SET1(0.5f));                                                              \
+        p = FMADD(p, r, SET1(1.0f));                                                              \
+        p = FMADD(p, r, SET1(1.0f));                                                              \
+    } while (0)
+
 /* ---- shared AVX-512 helpers ---- */
 /* e^x for 16 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 Taylor/minimax polynomial
  * (truncation error r^7/7! < 1.3e-7 relative, ~2 ulp, on that interval), then scaled by 2^n with vscalefps, which
@@ -197,16 +213,24 @@ __attribute__((target("avx512f"))) static inline __m512 vlm_exp512(__m512 x) {
     x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2 hi */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);   /* ln2 lo */
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512 r, p;
+    VLM_EXP_REDUCE_POLY(_mm512_fnmadd_ps, _mm512_fmadd_ps, _mm512_set1_ps, x, n, r, p);
     return _mm512_scalef_ps(p, n);
+}
+
+/* ---- shared AVX2 helpers ---- */
+/* e^x for 8 lanes, the same reduction and polynomial as vlm_exp512; 2^n is built in the exponent
+ * bits (no vscalefps), so x is clamped to [-87, 88.3] (n in [-126, 127]) and lanes below -87
+ * (e^x < 1.7e-38; -inf, the masked-score case) give exactly 0. */
+__attribute__((target("avx2,fma"))) static inline __m256 vlm_exp256(__m256 x) {
+    const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r, p;
+    VLM_EXP_REDUCE_POLY(_mm256_fnmadd_ps, _mm256_fmadd_ps, _mm256_set1_ps, x, n, r, p);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
 
 /* The first ne (0..32) floats at src rounded to bf16 (nearest even) as 32 bf16 in order, i.e. 16 k

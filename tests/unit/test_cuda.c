@@ -544,6 +544,12 @@ static void test_be_attention(void) {
             gfree(dk); gfree(dv);
             free(k); free(v);
         }
+        /* the prefix cache's partial-page copy (every layer, K and V): the start of sequence 0's
+         * first page over the start of the last sequence's, on both backends; the attention
+         * comparison below then reads the copied rows */
+        const int64_t ncp = pt < 3 ? pt : 3;
+        G->ops->kv_copy(G, gk, (int64_t)as[0].pages[0] * pt, (int64_t)as[NS - 1].pages[0] * pt, ncp);
+        C->ops->kv_copy(C, ck, (int64_t)as[0].pages[0] * pt, (int64_t)as[NS - 1].pages[0] * pt, ncp);
         const float scale = 1.0f / sqrtf((float)hd);
         struct { int layer, first, count; } runs[] = {{1, 0, NS}, {0, 0, NS}, {1, 1, 3}};
         for (int ri = 0; ri < 3; ri++) {

@@ -48,9 +48,14 @@ static int s_threads = 1;
  * it at most 4x. bench/matmul on the dev machine, 1 thread, W 1536x1536 bf16, GFLOP/s dot/GEMM:
  * n=4 46/19, n=8 31/37, n=12 31/54, n=64 30/113 (docs/cpu-kernels.md). */
 static int64_t s_gemm_min_rows = 8;
-/* Batched decode: 4 <= n <= this with bf16 weights on the AVX-512 path takes the small-n kernel
- * (cpu_avx512.c: bf16 read in place, 8x2 register tile); bench/matmul's crossover table picks it. */
-static int64_t s_smalln_max_rows = 48;
+/* Batched decode: 4 <= n <= this with bf16 weights on the AVX-512 or AVX2 path takes the small-n
+ * kernel (bf16 read in place, 8x2 / 4x2 register tiles); -1: the path's own crossover from
+ * bench/matmul's table (AVX-512 48; AVX2 64 on a Zen 2, where n = 64 ran 127 GFLOP/s against the
+ * GEMM's 115 and n = 96 114 against 130). */
+static int64_t s_smalln_max_rows = -1;
+static int64_t smalln_max_rows(void) {
+    return s_smalln_max_rows >= 0 ? s_smalln_max_rows : s_path == VLM_CPU_AVX2 ? 64 : 48;
+}
 /* The own GEMM is the default for every many-row product; OpenBLAS stays selectable
  * (VLMD_GEMM=openblas) for comparison. */
 static bool s_gemm_own = true;
@@ -337,7 +342,7 @@ vlm_cpu_path vlm_cpu_active_path(void) {
 
 int64_t vlm_cpu_set_smalln_max_rows(int64_t rows) {
     int64_t old = s_smalln_max_rows;
-    s_smalln_max_rows = rows < 0 ? 0 : rows;
+    s_smalln_max_rows = rows < 0 ? -1 : rows;
     return old;
 }
 
@@ -405,7 +410,7 @@ const char *vlm_cpu_describe(void) {
     else
         snprintf(gemm, sizeof gemm, "openblas");
     char batch[64] = "";
-    const int64_t small_hi = s_smalln_max_rows > 0 && s_path >= VLM_CPU_AVX2 ? s_smalln_max_rows : 0;
+    const int64_t small_hi = s_path >= VLM_CPU_AVX2 ? smalln_max_rows() : 0;
     if (small_hi >= 4)
         snprintf(batch, sizeof batch, " batch(4<=n<=%lld)=%s", (long long)small_hi,
                  s_path == VLM_CPU_AVX2 ? "smalln-avx2-4x2"
@@ -630,7 +635,7 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
         CPU_ASSERT(bias->ndim == 1 && bias->shape[0] == m);
     }
     if (n == 0 || m == 0) return;
-    if (n >= 4 && n <= s_smalln_max_rows && k > 0 && w->dtype == VLM_BF16 && s_path >= VLM_CPU_AVX2)
+    if (n >= 4 && n <= smalln_max_rows() && k > 0 && w->dtype == VLM_BF16 && s_path >= VLM_CPU_AVX2)
         return linear_smalln(x, n, k, w, bias, y);
     if (s_gemm_min_rows > 0 && n >= s_gemm_min_rows && k > 0) {
         linear_gemm(x, n, k, w, y);

@@ -65,8 +65,9 @@ void vlm_smalln_permute_x_avx2(const float *x, int64_t n, int64_t k, int64_t i0,
 void vlm_linear_smalln_avx2(const float *xp, int64_t n, int64_t npad, int64_t kp, int64_t k,
                             const uint16_t *w, int64_t j0, int64_t j1, float *y, int64_t ldy);
 
-/* Largest n for which vlm_linear takes the small-n kernel (bf16 weights on the AVX-512 path); 0
- * disables it (tests use this to cover the other paths). Returns the previous value. */
+/* Largest n for which vlm_linear takes the small-n kernel (bf16 weights on the AVX-512 or AVX2
+ * path); 0 disables it (tests use this to cover the other paths), -1 is each path's default.
+ * Returns the previous value. */
 int64_t vlm_cpu_set_smalln_max_rows(int64_t rows);
 
 /* Converts n weight elements of dtype dt to f32 (used by the GEMM path for large n). */

@@ -15,7 +15,7 @@ if [ ! -d src ]; then
     pip download -q --no-deps --no-binary :all: llama-cpp-python -d .
     mkdir -p src && tar xzf llama_cpp_python-*.tar.gz -C src --strip-components=1
 fi
-pip install -q sentencepiece numpy safetensors
+pip install -q sentencepiece numpy safetensors torch transformers
 lc=src/vendor/llama.cpp
 if [ ! -x $lc/build/bin/llama-mtmd-cli ]; then
     cmake -S $lc -B $lc/build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null

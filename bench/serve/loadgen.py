@@ -12,7 +12,7 @@ inter-token latency (ITL) p50/p99, and each rate's speed-up over concurrency 1:
 Uses only the standard library (asyncio streams, HTTP/1.1, SSE parsing), so it runs anywhere.
 
     python3 bench/serve/loadgen.py --url http://127.0.0.1:8000 --model 2b-size \
-        --concurrency 1,4,16,64 --requests-per-level 2x --max-tokens 64
+        --concurrency 1,4,16,64 --max-tokens 64   # --requests N per level, default 2 x concurrency
 
 Each request uses a different prompt (unique across levels too, so no level finds another level's
 prompts in the server's prefix cache; the chat template's fixed system prefix is shared, as it is

@@ -250,6 +250,8 @@ void vlmd_prompt_free(vlmd_prompt *p) {
     free(p->pixels);
     free(p->embeds);
     free(p->images);
+    free(p->enc_imgs);
+    vlm_vit_job_free(p->enc_job);
     memset(p, 0, sizeof *p);
 }
 
@@ -687,40 +689,58 @@ vlm_status vlmd_prompt_from_ids(const vlmd_bundle *b, const int32_t *ids, int64_
     return VLM_OK;
 }
 
+vlm_status vlmd_prompt_encode_step(const vlmd_bundle *b, vlmd_prompt *p, vlmd_imgcache *cache, int max_blocks,
+                                   bool *done, char *err, size_t errlen) {
+    *done = p->n_images == 0 || p->images;
+    if (*done) return VLM_OK;
+    if (!p->embeds) p->embeds = calloc((size_t)p->n_images, sizeof *p->embeds);
+    if (!p->enc_imgs) p->enc_imgs = calloc((size_t)p->n_images, sizeof *p->enc_imgs);
+    if (!p->embeds || !p->enc_imgs) return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory");
+    const int64_t hidden = b->ivit ? b->cfg->hidden : b->cfg->vision.out_hidden;
+    for (; p->enc_i < p->n_images; p->enc_i++) {
+        const int i = p->enc_i;
+        const vlm_pixels *px = &p->pixels[i];
+        const int64_t n_floats = px->n_tokens * hidden;
+        bool whole = false; /* an InternViT encode ran in this call */
+        if (!p->enc_job) { /* image i not started */
+            if (!p->embeds[i]) p->embeds[i] = malloc(sizeof(float) * (size_t)n_floats);
+            if (!p->embeds[i]) return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory for image %d embeddings", i);
+            p->enc_key = cache ? vlmd_imgcache_key(cache, px) : 0;
+            if (!cache || !vlmd_imgcache_get(cache, p->enc_key, px, p->embeds[i], n_floats)) {
+                vlm_status st = b->ivit ? vlm_internvit_encode(b->ivit, px, p->embeds[i], err, errlen)
+                                        : vlm_vit_job_begin(b->vit, px, p->embeds[i], &p->enc_job, err, errlen);
+                if (st != VLM_OK) return st;
+                if (b->ivit && cache) vlmd_imgcache_put(cache, p->enc_key, px, p->embeds[i], n_floats);
+                whole = b->ivit;
+            }
+        }
+        if (p->enc_job) {
+            bool fin;
+            vlm_status st = vlm_vit_job_run(p->enc_job, max_blocks, &fin, err, errlen);
+            if (st != VLM_OK) return st;
+            if (!fin) return VLM_OK; /* the slice is used up */
+            vlm_vit_job_free(p->enc_job);
+            p->enc_job = NULL;
+            if (cache) vlmd_imgcache_put(cache, p->enc_key, px, p->embeds[i], n_floats);
+        }
+        memcpy(p->enc_imgs[i].grid_thw, px->grid_thw, sizeof p->enc_imgs[i].grid_thw);
+        p->enc_imgs[i].embeds = p->embeds[i];
+        p->enc_imgs[i].n_tokens = px->n_tokens;
+        if (whole && max_blocks > 0 && i + 1 < p->n_images) {
+            p->enc_i++;
+            return VLM_OK; /* that was this call's slice */
+        }
+    }
+    p->images = p->enc_imgs;
+    p->enc_imgs = NULL;
+    *done = true;
+    return VLM_OK;
+}
+
 vlm_status vlmd_prompt_encode_images(const vlmd_bundle *b, vlmd_prompt *p, vlmd_imgcache *cache, char *err,
                                      size_t errlen) {
-    if (p->n_images == 0 || p->images) return VLM_OK;
-    p->embeds = calloc((size_t)p->n_images, sizeof *p->embeds);
-    vlm_image_embeds *imgs = calloc((size_t)p->n_images, sizeof *imgs);
-    if (!p->embeds || !imgs) {
-        free(imgs);
-        return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory");
-    }
-    const int64_t hidden = b->ivit ? b->cfg->hidden : b->cfg->vision.out_hidden;
-    for (int i = 0; i < p->n_images; i++) {
-        const vlm_pixels *px = &p->pixels[i];
-        p->embeds[i] = malloc(sizeof(float) * (size_t)(px->n_tokens * hidden));
-        if (!p->embeds[i]) {
-            free(imgs);
-            return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory for image %d embeddings", i);
-        }
-        const int64_t n_floats = px->n_tokens * hidden;
-        uint64_t key = cache ? vlmd_imgcache_key(cache, px) : 0;
-        if (!cache || !vlmd_imgcache_get(cache, key, px, p->embeds[i], n_floats)) {
-            vlm_status st = b->ivit ? vlm_internvit_encode(b->ivit, px, p->embeds[i], err, errlen)
-                                    : vlm_vit_encode(b->vit, px, p->embeds[i], err, errlen);
-            if (st != VLM_OK) {
-                free(imgs);
-                return st;
-            }
-            if (cache) vlmd_imgcache_put(cache, key, px, p->embeds[i], n_floats);
-        }
-        memcpy(imgs[i].grid_thw, px->grid_thw, sizeof imgs[i].grid_thw);
-        imgs[i].embeds = p->embeds[i];
-        imgs[i].n_tokens = px->n_tokens;
-    }
-    p->images = imgs;
-    return VLM_OK;
+    bool done;
+    return vlmd_prompt_encode_step(b, p, cache, 0, &done, err, errlen);
 }
 
 void vlmd_prompt_to_desc(const vlmd_prompt *p, vlm_seq_desc *d) {

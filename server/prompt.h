@@ -55,6 +55,12 @@ typedef struct {
     vlm_image_embeds *images; /* n_images, filled by vlmd_prompt_encode_images */
     int n_images;
     int64_t n_image_tokens;
+    /* encode in progress (vlmd_prompt_encode_step): images [0, enc_i) are done, into enc_imgs;
+     * enc_job runs image enc_i's vision transformer (Qwen2-VL), enc_key its image-cache key */
+    int enc_i;
+    vlm_image_embeds *enc_imgs;
+    vlm_vit_job *enc_job;
+    uint64_t enc_key;
 } vlmd_prompt;
 
 /* Validates an OpenAI `messages` array and builds the prompt. On a client error returns
@@ -93,6 +99,11 @@ void vlmd_imgcache_stats(const vlmd_imgcache *c, vlmd_imgcache_counts *s); /* ze
  * images. */
 vlm_status vlmd_prompt_encode_images(const vlmd_bundle *b, vlmd_prompt *p, vlmd_imgcache *cache, char *err,
                                      size_t errlen);
+/* The same a slice at a time: at most max_blocks Qwen2-VL vision transformer blocks per call
+ * (<= 0: everything left; cache hits cost nothing; an NVLM-D InternViT image is encoded whole, as
+ * one slice). *done once every image is encoded (p->images set). */
+vlm_status vlmd_prompt_encode_step(const vlmd_bundle *b, vlmd_prompt *p, vlmd_imgcache *cache, int max_blocks,
+                                   bool *done, char *err, size_t errlen);
 
 /* Points a sequence descriptor at the prompt (ids and encoded images); the prompt must outlive
  * vlm_engine_add (which copies). Sampling/max_tokens are the caller's. */

@@ -40,7 +40,17 @@ struct vlmd_sched {
     vlmd_req **active;
     int n_active, cap_active;
     int active_seqs;
+    /* admitted requests whose images are being encoded, oldest first; written by the engine
+     * thread, n_enc read under mu by nobody else */
+    vlmd_req **enc;
+    int n_enc, cap_enc;
 };
+
+/* Vision transformer blocks run per engine step while sequences are decoding: a picture that
+ * misses the image cache used to be encoded whole inside admission, and every running stream
+ * waited for it (448x448 on a 2-core CPU: ~10 s, c4 ITL p99 24.9 s). One block of that image is
+ * ~0.3 s there. With nothing decoding the encode runs whole. */
+#define ENC_BLOCKS_PER_STEP 1
 
 vlmd_req *vlmd_req_new(void) {
     vlmd_req *r = calloc(1, sizeof *r);
@@ -214,9 +224,9 @@ static uint64_t splitmix(uint64_t x) {
     return x ^ (x >> 31);
 }
 
-/* Adds every choice of a request to the engine; false when it failed (request answered). */
-static bool admit(vlmd_sched *s, vlmd_req *r) {
-    char err[512];
+/* False when the client went away or the deadline passed while the request waited (then it is
+ * answered here). */
+static bool still_wanted(vlmd_req *r) {
     pthread_mutex_lock(&r->mu);
     bool cancelled = r->cancel;
     if (!cancelled && r->deadline > 0 && vlmd_now() > r->deadline) {
@@ -224,14 +234,14 @@ static bool admit(vlmd_sched *s, vlmd_req *r) {
         cancelled = true;
     }
     pthread_mutex_unlock(&r->mu);
-    if (cancelled) return false;
-    vlm_status st = vlmd_prompt_encode_images(s->b, &r->prompt, s->imgcache, err, sizeof err);
-    if (st != VLM_OK) {
-        pthread_mutex_lock(&r->mu);
-        fail_req(r, vlmd_err_from_status(st), err);
-        pthread_mutex_unlock(&r->mu);
-        return false;
-    }
+    return !cancelled;
+}
+
+/* Adds every choice of a request whose images are encoded to the engine; false when it failed
+ * (request answered). */
+static bool admit(vlmd_sched *s, vlmd_req *r) {
+    char err[512];
+    vlm_status st;
     vlm_seq_desc d;
     memset(&d, 0, sizeof d);
     vlmd_prompt_to_desc(&r->prompt, &d);
@@ -266,6 +276,76 @@ static bool admit(vlmd_sched *s, vlmd_req *r) {
              (r->t_admit - r->t_arrival) * 1e3);
     log_line(r, "admitted", extra);
     return true;
+}
+
+/* A request that leaves before it ran: its sequence budget back, the scheduler's reference gone. */
+static void drop_req(vlmd_sched *s, vlmd_req *r, bool cancel_all) {
+    pthread_mutex_lock(&s->mu);
+    if (!cancel_all) s->active_seqs -= r->n_ch;
+    pthread_mutex_unlock(&s->mu);
+    vlmd_req_release(r);
+}
+
+/* Appends r to one of the engine thread's lists (grown here; the count changes under mu, which
+ * other threads read). */
+static void list_push(vlmd_sched *s, vlmd_req ***list, int *n, int *cap, vlmd_req *r) {
+    if (*n == *cap) {
+        *cap = *cap ? *cap * 2 : 16;
+        *list = realloc(*list, sizeof **list * (size_t)*cap);
+        VLM_ASSERT(*list);
+    }
+    pthread_mutex_lock(&s->mu);
+    (*list)[(*n)++] = r;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void activate(vlmd_sched *s, vlmd_req *r) { list_push(s, &s->active, &s->n_active, &s->cap_active, r); }
+static void enc_push(vlmd_sched *s, vlmd_req *r) { list_push(s, &s->enc, &s->n_enc, &s->cap_enc, r); }
+
+static void enc_pop(vlmd_sched *s) {
+    pthread_mutex_lock(&s->mu);
+    memmove(s->enc, s->enc + 1, sizeof *s->enc * (size_t)(s->n_enc - 1));
+    s->n_enc--;
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Encodes the oldest waiting request's images by one slice (all of them when no sequence is
+ * running), then admits it once they are done. Shutdown, a gone client or a passed deadline
+ * ends waiting requests here. */
+static void encode_some(vlmd_sched *s, bool cancel_all) {
+    while (s->n_enc > 0) {
+        vlmd_req *r = s->enc[0];
+        if (cancel_all) {
+            pthread_mutex_lock(&r->mu);
+            fail_req(r, VLMD_ERR_UNAVAILABLE, "the server is shutting down");
+            pthread_mutex_unlock(&r->mu);
+            enc_pop(s);
+            drop_req(s, r, true);
+            continue;
+        }
+        if (!still_wanted(r)) {
+            enc_pop(s);
+            drop_req(s, r, false);
+            continue;
+        }
+        char err[512];
+        bool done;
+        const int slice = vlm_engine_active(s->eng) > 0 ? ENC_BLOCKS_PER_STEP : 0;
+        vlm_status st = vlmd_prompt_encode_step(s->b, &r->prompt, s->imgcache, slice, &done, err, sizeof err);
+        if (st != VLM_OK) {
+            pthread_mutex_lock(&r->mu);
+            fail_req(r, vlmd_err_from_status(st), err);
+            pthread_mutex_unlock(&r->mu);
+            enc_pop(s);
+            drop_req(s, r, false);
+            continue;
+        }
+        if (!done) return;
+        enc_pop(s);
+        if (admit(s, r)) activate(s, r);
+        else drop_req(s, r, false);
+        if (slice > 0) return; /* one slice per step while others decode */
+    }
 }
 
 static void on_event(vlmd_sched *s, const vlm_token_event *ev) {
@@ -405,9 +485,9 @@ static void *engine_main(void *arg) {
         int nb = 0;
         bool cancel_all;
         pthread_mutex_lock(&s->mu);
-        while (!s->stop && !s->q_head && s->n_active == 0)
+        while (!s->stop && !s->q_head && s->n_active == 0 && s->n_enc == 0)
             pthread_cond_wait(&s->cv, &s->mu);
-        if (s->stop && s->n_active == 0 && !s->q_head) {
+        if (s->stop && s->n_active == 0 && !s->q_head && s->n_enc == 0) {
             pthread_mutex_unlock(&s->mu);
             break;
         }
@@ -433,25 +513,18 @@ static void *engine_main(void *arg) {
                 pthread_mutex_lock(&r->mu);
                 fail_req(r, VLMD_ERR_UNAVAILABLE, "the server is shutting down");
                 pthread_mutex_unlock(&r->mu);
+            } else if (!still_wanted(r)) {
+                keep = false;
+            } else if (r->prompt.n_images > 0 && !r->prompt.images) {
+                enc_push(s, r); /* its images are encoded a slice per step below */
+                continue;
             } else {
                 keep = admit(s, r);
             }
-            if (!keep) {
-                pthread_mutex_lock(&s->mu);
-                if (!cancel_all) s->active_seqs -= r->n_ch;
-                pthread_mutex_unlock(&s->mu);
-                vlmd_req_release(r);
-                continue;
-            }
-            if (s->n_active == s->cap_active) {
-                s->cap_active = s->cap_active ? s->cap_active * 2 : 16;
-                s->active = realloc(s->active, sizeof *s->active * (size_t)s->cap_active);
-                VLM_ASSERT(s->active);
-            }
-            pthread_mutex_lock(&s->mu);
-            s->active[s->n_active++] = r;
-            pthread_mutex_unlock(&s->mu);
+            if (keep) activate(s, r);
+            else drop_req(s, r, cancel_all);
         }
+        encode_some(s, cancel_all);
 
         /* Cancellations: client gone, deadline passed, shutdown. */
         double now = vlmd_now();
@@ -503,6 +576,8 @@ static void *engine_main(void *arg) {
     vlmd_imgcache_free(s->imgcache);
     s->imgcache = NULL;
     free(s->active);
+    free(s->enc);
+    s->enc = NULL;
     s->active = NULL;
     vlm_engine_free(s->eng);
     s->eng = NULL;

@@ -241,8 +241,30 @@ static vlm_status attention_segment(const vlm_vit *v, const float *qkv, int64_t 
 static inline float quick_gelu(float z) { return z / (1.0f + expf(-1.702f * z)); }
 static inline float gelu_erf(float z) { return 0.5f * z * (1.0f + erff(z * (float)M_SQRT1_2)); }
 
-vlm_status vlm_vit_encode(const vlm_vit *v, const vlm_pixels *px, float *out, char *err,
-                          size_t errlen) {
+/* An encode in progress: the residual stream x after `layer` blocks, and the buffers the next
+ * block needs. Lets the server run the encoder a block at a time between decode steps. */
+struct vlm_vit_job {
+    const vlm_vit *v;
+    float *out;
+    int64_t N, gt, seg;
+    int layer;
+    float *x, *h, *a, *buf;
+    int32_t *rc;
+};
+
+void vlm_vit_job_free(vlm_vit_job *j) {
+    if (!j) return;
+    free(j->x);
+    free(j->h);
+    free(j->a);
+    free(j->buf);
+    free(j->rc);
+    free(j);
+}
+
+vlm_status vlm_vit_job_begin(const vlm_vit *v, const vlm_pixels *px, float *out, vlm_vit_job **job, char *err,
+                             size_t errlen) {
+    *job = NULL;
     const int E = v->E, Mg = v->vc.spatial_merge_size, M2 = Mg * Mg;
     const int64_t gt = px->grid_thw[0], gh = px->grid_thw[1], gw = px->grid_thw[2];
     const int64_t N = px->n_patches, seg = gh * gw;
@@ -255,36 +277,45 @@ vlm_status vlm_vit_encode(const vlm_vit *v, const vlm_pixels *px, float *out, ch
     if (v->D / 2 > 256) return vis_err(err, errlen, VLM_E_UNSUPPORTED, "vision head_dim %d too large", v->D);
 
     const int64_t big = (int64_t)(v->mlp > 3 * E ? v->mlp : 3 * E);
-    float *x = malloc((size_t)N * E * sizeof(float));
-    float *h = malloc((size_t)N * E * sizeof(float));
-    float *a = malloc((size_t)N * E * sizeof(float));
-    float *buf = malloc((size_t)N * big * sizeof(float));
-    int32_t *rc = malloc((size_t)N * 2 * sizeof(int32_t));
-    vlm_status st = VLM_OK;
-    if (!x || !h || !a || !buf || !rc) {
-        st = vis_err(err, errlen, VLM_E_NOMEM, "out of memory for %lld vision patches", (long long)N);
-        goto done;
+    vlm_vit_job *j = calloc(1, sizeof *j);
+    if (!j) return vis_err(err, errlen, VLM_E_NOMEM, "out of memory for a vision encode");
+    *j = (vlm_vit_job){v, out, N, gt, seg, 0, NULL, NULL, NULL, NULL, NULL};
+    j->x = malloc((size_t)N * E * sizeof(float));
+    j->h = malloc((size_t)N * E * sizeof(float));
+    j->a = malloc((size_t)N * E * sizeof(float));
+    j->buf = malloc((size_t)N * big * sizeof(float));
+    j->rc = malloc((size_t)N * 2 * sizeof(int32_t));
+    if (!j->x || !j->h || !j->a || !j->buf || !j->rc) {
+        vlm_vit_job_free(j);
+        return vis_err(err, errlen, VLM_E_NOMEM, "out of memory for %lld vision patches", (long long)N);
     }
     /* (row, col) of each pixel_values row: merge-window order, repeated per temporal slice. */
     for (int64_t k = 0; k < N; k++) {
         int64_t kk = k % seg, win = kk / M2, inw = kk % M2, bwn = gw / Mg;
-        rc[2 * k] = (int32_t)((win / bwn) * Mg + inw / Mg);
-        rc[2 * k + 1] = (int32_t)((win % bwn) * Mg + inw % Mg);
+        j->rc[2 * k] = (int32_t)((win / bwn) * Mg + inw / Mg);
+        j->rc[2 * k + 1] = (int32_t)((win % bwn) * Mg + inw % Mg);
     }
     /* x: [N, E] = pixel_values · W_pᵀ (Conv3d with kernel = stride, no bias) */
-    vlm_linear(px->pixel_values, N, v->pd, &v->patch_w, NULL, x);
+    vlm_linear(px->pixel_values, N, v->pd, &v->patch_w, NULL, j->x);
+    *job = j;
+    return VLM_OK;
+}
 
-    for (int l = 0; l < v->vc.depth; l++) {
-        const vit_block *b = &v->blocks[l];
+vlm_status vlm_vit_job_run(vlm_vit_job *j, int max_blocks, bool *done, char *err, size_t errlen) {
+    const vlm_vit *v = j->v;
+    const int E = v->E, Mg = v->vc.spatial_merge_size, M2 = Mg * Mg;
+    const int64_t N = j->N, gt = j->gt, seg = j->seg;
+    float *x = j->x, *h = j->h, *a = j->a, *buf = j->buf;
+    vlm_status st = VLM_OK;
+    *done = false;
+    for (int ran = 0; j->layer < v->vc.depth && (max_blocks <= 0 || ran < max_blocks); j->layer++, ran++) {
+        const vit_block *b = &v->blocks[j->layer];
         layer_norm(x, N, E, b->n1w, b->n1b, h);              /* h: [N, E] */
         vlm_linear(h, N, E, &b->qkv_w, &b->qkv_b, buf);      /* buf: [N, 3E] = [q | k | v] */
-        apply_rope(v, buf, N, rc);
+        apply_rope(v, buf, N, j->rc);
         for (int64_t t = 0; t < gt && st == VLM_OK; t++)     /* cu_seqlens: one segment per slice */
             st = attention_segment(v, buf, t * seg, seg, a); /* a: [N, E] */
-        if (st != VLM_OK) {
-            vis_err(err, errlen, st, "out of memory in vision attention");
-            goto done;
-        }
+        if (st != VLM_OK) return vis_err(err, errlen, st, "out of memory in vision attention");
         vlm_linear(a, N, E, &b->proj_w, &b->proj_b, h);      /* h: [N, E] */
 #pragma omp parallel for schedule(static)
         for (int64_t i = 0; i < N * E; i++) x[i] += h[i];
@@ -302,21 +333,26 @@ vlm_status vlm_vit_encode(const vlm_vit *v, const vlm_pixels *px, float *out, ch
 #pragma omp parallel for schedule(static)
         for (int64_t i = 0; i < N * E; i++) x[i] += h[i];
     }
+    if (j->layer < v->vc.depth) return VLM_OK;
     /* PatchMerger: ln_q, then each M² consecutive rows (one window) form one [M²·E] row. */
     layer_norm(x, N, E, v->lnq_w, v->lnq_b, h);              /* h: [N/M², M²E] */
-    {
-        const int64_t nt = N / M2, w4 = (int64_t)E * M2;
-        float *m1 = a; /* [nt, M²E] fits in a ([N, E]) */
-        vlm_linear(h, nt, w4, &v->m0_w, &v->m0_b, m1);
+    const int64_t nt = N / M2, w4 = (int64_t)E * M2;
+    float *m1 = a; /* [nt, M²E] fits in a ([N, E]) */
+    vlm_linear(h, nt, w4, &v->m0_w, &v->m0_b, m1);
 #pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < nt * w4; i++) m1[i] = gelu_erf(m1[i]);
-        vlm_linear(m1, nt, w4, &v->m2_w, &v->m2_b, out);     /* out: [nt, out_hidden] */
-    }
-done:
-    free(x);
-    free(h);
-    free(a);
-    free(buf);
-    free(rc);
+    for (int64_t i = 0; i < nt * w4; i++) m1[i] = gelu_erf(m1[i]);
+    vlm_linear(m1, nt, w4, &v->m2_w, &v->m2_b, j->out);      /* out: [nt, out_hidden] */
+    *done = true;
+    return VLM_OK;
+}
+
+vlm_status vlm_vit_encode(const vlm_vit *v, const vlm_pixels *px, float *out, char *err,
+                          size_t errlen) {
+    vlm_vit_job *j;
+    vlm_status st = vlm_vit_job_begin(v, px, out, &j, err, errlen);
+    if (st != VLM_OK) return st;
+    bool done;
+    st = vlm_vit_job_run(j, 0, &done, err, errlen);
+    vlm_vit_job_free(j);
     return st;
 }

@@ -109,6 +109,16 @@ void vlm_vit_free(vlm_vit *v);
 /* out: [px->n_tokens, cfg->vision.out_hidden], caller-allocated. */
 vlm_status vlm_vit_encode(const vlm_vit *v, const vlm_pixels *px, float *out, char *err,
                           size_t errlen);
+/* The same encode a few blocks at a time (the server interleaves it with decode steps): begin
+ * validates px, embeds the patches and keeps what the blocks need (px may go after it returns);
+ * each run does up to max_blocks transformer blocks (<= 0: all that are left) and, once past the
+ * last, the PatchMerger into out, setting *done. Same arithmetic in the same order as
+ * vlm_vit_encode, so the output is identical. */
+typedef struct vlm_vit_job vlm_vit_job;
+vlm_status vlm_vit_job_begin(const vlm_vit *v, const vlm_pixels *px, float *out, vlm_vit_job **job, char *err,
+                             size_t errlen);
+vlm_status vlm_vit_job_run(vlm_vit_job *j, int max_blocks, bool *done, char *err, size_t errlen);
+void vlm_vit_job_free(vlm_vit_job *j);
 
 #ifdef __cplusplus
 }

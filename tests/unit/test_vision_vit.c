@@ -160,9 +160,26 @@ static void test_vit_end_to_end(void) {
         for (int64_t i = 0; i < px.n_tokens * hid; i++) md = fmax(md, fabs((double)out[i] - ref[i]));
         printf("vit end-to-end (file -> embeds) odd_150x97: max |diff| %.3g\n", md);
         CHECK(md <= VIT_F32_TOL);
+        /* the same encode one block per call (the server's slices between decode steps): one run
+         * per block plus nothing more, and the very same floats */
+        float *out2 = malloc((size_t)px.n_tokens * hid * sizeof(float));
+        vlm_vit_job *job = NULL;
+        CHECK(vlm_vit_job_begin(v, &px, out2, &job, err, sizeof err) == VLM_OK);
+        int runs = 0;
+        bool done = false;
+        while (job && !done && runs < 1000) {
+            CHECK(vlm_vit_job_run(job, 1, &done, err, sizeof err) == VLM_OK);
+            runs++;
+        }
+        vlm_vit_job_free(job);
+        CHECKF(runs == vlm_model_cfg(m)->vision.depth && done, "sliced encode: %d runs for %d blocks", runs,
+               vlm_model_cfg(m)->vision.depth);
+        CHECK(!memcmp(out, out2, (size_t)px.n_tokens * hid * sizeof(float)));
+        free(out2);
         /* a grid that does not match the pixel rows is refused, not read out of bounds */
         px.grid_thw[1] += 2;
         CHECK(vlm_vit_encode(v, &px, out, err, sizeof err) == VLM_E_INVALID);
+        CHECK(vlm_vit_job_begin(v, &px, out, &job, err, sizeof err) == VLM_E_INVALID && job == NULL);
         free(out);
     }
     free(ref);

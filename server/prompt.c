@@ -701,35 +701,39 @@ vlm_status vlmd_prompt_encode_step(const vlmd_bundle *b, vlmd_prompt *p, vlmd_im
         const int i = p->enc_i;
         const vlm_pixels *px = &p->pixels[i];
         const int64_t n_floats = px->n_tokens * hidden;
-        bool whole = false; /* an InternViT encode ran in this call */
-        if (!p->enc_job) { /* image i not started */
+        bool fin = false; /* image i's embeddings are complete */
+        if (!p->enc_job && p->enc_tile == 0) { /* image i not started */
             if (!p->embeds[i]) p->embeds[i] = malloc(sizeof(float) * (size_t)n_floats);
             if (!p->embeds[i]) return vlm_errf(err, errlen, VLM_E_NOMEM, "out of memory for image %d embeddings", i);
             p->enc_key = cache ? vlmd_imgcache_key(cache, px) : 0;
-            if (!cache || !vlmd_imgcache_get(cache, p->enc_key, px, p->embeds[i], n_floats)) {
-                vlm_status st = b->ivit ? vlm_internvit_encode(b->ivit, px, p->embeds[i], err, errlen)
-                                        : vlm_vit_job_begin(b->vit, px, p->embeds[i], &p->enc_job, err, errlen);
+            fin = cache && vlmd_imgcache_get(cache, p->enc_key, px, p->embeds[i], n_floats);
+            if (!fin && !b->ivit) {
+                vlm_status st = vlm_vit_job_begin(b->vit, px, p->embeds[i], &p->enc_job, err, errlen);
                 if (st != VLM_OK) return st;
-                if (b->ivit && cache) vlmd_imgcache_put(cache, p->enc_key, px, p->embeds[i], n_floats);
-                whole = b->ivit;
             }
         }
-        if (p->enc_job) {
-            bool fin;
-            vlm_status st = vlm_vit_job_run(p->enc_job, max_blocks, &fin, err, errlen);
-            if (st != VLM_OK) return st;
+        if (!fin) {
+            if (b->ivit) { /* a slice is max_blocks tiles */
+                const int64_t nt = px->n_patches;
+                const int64_t t1 = max_blocks > 0 && p->enc_tile + max_blocks < nt ? p->enc_tile + max_blocks : nt;
+                vlm_status st = vlm_internvit_encode_tiles(b->ivit, px, p->enc_tile, t1, p->embeds[i], err, errlen);
+                if (st != VLM_OK) return st;
+                fin = t1 == nt;
+                p->enc_tile = fin ? 0 : t1;
+            } else {
+                vlm_status st = vlm_vit_job_run(p->enc_job, max_blocks, &fin, err, errlen);
+                if (st != VLM_OK) return st;
+                if (fin) {
+                    vlm_vit_job_free(p->enc_job);
+                    p->enc_job = NULL;
+                }
+            }
             if (!fin) return VLM_OK; /* the slice is used up */
-            vlm_vit_job_free(p->enc_job);
-            p->enc_job = NULL;
             if (cache) vlmd_imgcache_put(cache, p->enc_key, px, p->embeds[i], n_floats);
         }
         memcpy(p->enc_imgs[i].grid_thw, px->grid_thw, sizeof p->enc_imgs[i].grid_thw);
         p->enc_imgs[i].embeds = p->embeds[i];
         p->enc_imgs[i].n_tokens = px->n_tokens;
-        if (whole && max_blocks > 0 && i + 1 < p->n_images) {
-            p->enc_i++;
-            return VLM_OK; /* that was this call's slice */
-        }
     }
     p->images = p->enc_imgs;
     p->enc_imgs = NULL;

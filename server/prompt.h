@@ -60,6 +60,7 @@ typedef struct {
     int enc_i;
     vlm_image_embeds *enc_imgs;
     vlm_vit_job *enc_job;
+    int64_t enc_tile;         /* NVLM-D: tiles of image enc_i encoded so far */
     uint64_t enc_key;
 } vlmd_prompt;
 
@@ -99,9 +100,9 @@ void vlmd_imgcache_stats(const vlmd_imgcache *c, vlmd_imgcache_counts *s); /* ze
  * images. */
 vlm_status vlmd_prompt_encode_images(const vlmd_bundle *b, vlmd_prompt *p, vlmd_imgcache *cache, char *err,
                                      size_t errlen);
-/* The same a slice at a time: at most max_blocks Qwen2-VL vision transformer blocks per call
- * (<= 0: everything left; cache hits cost nothing; an NVLM-D InternViT image is encoded whole, as
- * one slice). *done once every image is encoded (p->images set). */
+/* The same a slice at a time: at most max_blocks Qwen2-VL vision transformer blocks, or NVLM-D
+ * InternViT 448x448 tiles, per call (<= 0: everything left; cache hits cost nothing). *done once
+ * every image is encoded (p->images set). */
 vlm_status vlmd_prompt_encode_step(const vlmd_bundle *b, vlmd_prompt *p, vlmd_imgcache *cache, int max_blocks,
                                    bool *done, char *err, size_t errlen);
 

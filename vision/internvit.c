@@ -478,6 +478,7 @@ typedef struct {
     const ivit_shard *sh;
     ivit_comm *cm;
     const vlm_pixels *px;
+    int64_t t0, t1; /* the tiles to encode */
     float *out;
     int omp_threads;
     bool ok;
@@ -493,7 +494,7 @@ static void *rank_run(void *arg) {
     pthread_barrier_wait(&j->cm->bar); /* all ranks agree whether to go on */
     if (!j->cm->failed) {
         const int64_t tile_dim = 3ll * v->S * v->S, per = (int64_t)(v->S / v->P / 2) * (v->S / v->P / 2);
-        for (int64_t t = 0; t < j->px->n_patches; t++)
+        for (int64_t t = j->t0; t < j->t1; t++)
             encode_tile_rank(v, j->sh, j->cm, &w, j->px->pixel_values + t * tile_dim, j->out + t * per * v->out_dim);
     }
     work_free(&w);
@@ -501,9 +502,17 @@ static void *rank_run(void *arg) {
 }
 
 vlm_status vlm_internvit_encode(const vlm_internvit *v, const vlm_pixels *px, float *out, char *err, size_t errlen) {
+    return vlm_internvit_encode_tiles(v, px, 0, px->n_patches, out, err, errlen);
+}
+
+vlm_status vlm_internvit_encode_tiles(const vlm_internvit *v, const vlm_pixels *px, int64_t t0, int64_t t1,
+                                      float *out, char *err, size_t errlen) {
     const int64_t tile_dim = 3ll * v->S * v->S, per = (int64_t)(v->S / v->P / 2) * (v->S / v->P / 2);
     if (px->patch_dim != tile_dim || px->n_tokens != px->n_patches * per)
         return vis_err(err, errlen, VLM_E_INVALID, "pixel_values are not %dx%d tiles", v->S, v->S);
+    if (t0 < 0 || t1 > px->n_patches || t0 > t1)
+        return vis_err(err, errlen, VLM_E_INVALID, "tiles [%lld, %lld) of %lld", (long long)t0, (long long)t1,
+                       (long long)px->n_patches);
     const int n = v->tp;
     if (n == 1) {
         ivit_work w = {0};
@@ -511,7 +520,7 @@ vlm_status vlm_internvit_encode(const vlm_internvit *v, const vlm_pixels *px, fl
             work_free(&w);
             return vis_err(err, errlen, VLM_E_NOMEM, "out of memory for an InternViT tile");
         }
-        for (int64_t t = 0; t < px->n_patches; t++)
+        for (int64_t t = t0; t < t1; t++)
             encode_tile_rank(v, &v->shards[0], NULL, &w, px->pixel_values + t * tile_dim, out + t * per * v->out_dim);
         work_free(&w);
         return VLM_OK;
@@ -529,7 +538,7 @@ vlm_status vlm_internvit_encode(const vlm_internvit *v, const vlm_pixels *px, fl
     int per_rank = vlm_cpu_threads() / n > 0 ? vlm_cpu_threads() / n : 1;
     int started = 0;
     for (int r = 0; r < n; r++) {
-        jobs[r] = (ivit_rank_job){.v = v, .sh = &v->shards[r], .cm = &cm, .px = px, .out = out,
+        jobs[r] = (ivit_rank_job){.v = v, .sh = &v->shards[r], .cm = &cm, .px = px, .t0 = t0, .t1 = t1, .out = out,
                                   .omp_threads = per_rank};
         if (r > 0 && pthread_create(&th[r], NULL, rank_run, &jobs[r]) != 0) break;
         started = r + 1;

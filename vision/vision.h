@@ -93,6 +93,10 @@ vlm_status vlm_internvit_load(const vlm_model *m, vlm_internvit **out, char *err
 void vlm_internvit_free(vlm_internvit *v);
 vlm_status vlm_internvit_encode(const vlm_internvit *v, const vlm_pixels *px, float *out, char *err,
                                 size_t errlen);
+/* Only tiles [t0, t1) (each tile is independent), into their rows of the same out: the server
+ * encodes an image a tile per engine step while other sequences decode. */
+vlm_status vlm_internvit_encode_tiles(const vlm_internvit *v, const vlm_pixels *px, int64_t t0, int64_t t1,
+                                      float *out, char *err, size_t errlen);
 /* Tensor parallel over n CPU rank threads (default 1): rank r computes padded heads [r*HP/n, (r+1)*HP/n) — NVLM's
  * 25 + 7 dummy heads give 4 per rank at n = 8 — and 1/n of the MLP and of mlp1, all-reducing the QK-norm
  * partial sums of squares and the row-parallel outputs (docs/nvlm.md). Row blocks alias the checkpoint; column

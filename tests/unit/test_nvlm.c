@@ -303,6 +303,15 @@ static void test_tiny_nvlm_vision(void) {
     for (int64_t i = 0; i < px.n_tokens * cfg->hidden; i++) md = fmax(md, fabs((double)emb[i] - ref[i]));
     CHECKF(md <= VIT_EMB_TOL, "vision embeds max |diff| %.3g", md);
     fprintf(stderr, "  nvlm tiny InternViT (3 tiles, 768 tokens): embeds max |diff| %.3g\n", md);
+    {   /* a tile at a time (the server's slices between decode steps), last tile first: the very
+         * same floats; a range past the tiles is refused */
+        float *e2 = malloc(sizeof(float) * (size_t)px.n_tokens * cfg->hidden);
+        for (int64_t t = px.n_patches - 1; t >= 0; t--)
+            CHECK(vlm_internvit_encode_tiles(vit, &px, t, t + 1, e2, err, sizeof err) == VLM_OK);
+        CHECK(!memcmp(emb, e2, sizeof(float) * (size_t)px.n_tokens * cfg->hidden));
+        CHECK(vlm_internvit_encode_tiles(vit, &px, 2, 4, e2, err, sizeof err) == VLM_E_INVALID);
+        free(e2);
+    }
     /* the decoder with those embeddings */
     const cJSON *ids = cJSON_GetObjectItem(j, "ids"), *greedy = cJSON_GetObjectItem(j, "greedy");
     int n = cJSON_GetArraySize(ids);

@@ -140,7 +140,7 @@ void vlmd_sched_set_draining(vlmd_sched *s) {
 
 int vlmd_sched_busy(vlmd_sched *s) {
     pthread_mutex_lock(&s->mu);
-    int n = s->q_len + s->n_active;
+    int n = s->q_len + s->n_active + s->n_enc; /* waiting for their images too */
     pthread_mutex_unlock(&s->mu);
     return n;
 }

@@ -112,13 +112,22 @@ static void lru_append(vlm_page_pool *p, int32_t g) {
     p->n_idle++;
 }
 
+/* The two hash tables (by key, by parent key) share one layout: bucket heads and a next link per page. */
+static void chain_push(vlm_page_pool *p, int32_t *bucket, int32_t *chain, uint64_t key, int32_t g) {
+    int32_t *head = &bucket[key & (uint64_t)(p->n_buckets - 1)];
+    chain[g] = *head;
+    *head = g;
+}
+
+static void chain_unlink(vlm_page_pool *p, int32_t *bucket, int32_t *chain, uint64_t key, int32_t g) {
+    int32_t *at = &bucket[key & (uint64_t)(p->n_buckets - 1)];
+    while (*at != g) at = &chain[*at];
+    *at = chain[g];
+}
+
 static void unregister(vlm_page_pool *p, int32_t g) {
-    int32_t *at = &p->bucket[p->key[g] & (uint64_t)(p->n_buckets - 1)];
-    while (*at != g) at = &p->chain[*at];
-    *at = p->chain[g];
-    at = &p->pbucket[p->parent[g] & (uint64_t)(p->n_buckets - 1)];
-    while (*at != g) at = &p->pchain[*at];
-    *at = p->pchain[g];
+    chain_unlink(p, p->bucket, p->chain, p->key[g], g);
+    chain_unlink(p, p->pbucket, p->pchain, p->parent[g], g);
     p->reg[g] = false;
 }
 
@@ -183,11 +192,8 @@ void vlm_pages_register(vlm_page_pool *p, int32_t g, uint64_t key, uint64_t pare
             return; /* the same content computed twice at once (two prompts admitted together): keep the first */
     p->key[g] = key;
     memcpy(p->tok + (int64_t)g * p->pt, tok, (size_t)p->pt * sizeof *tok);
-    p->chain[g] = p->bucket[b];
-    p->bucket[b] = g;
-    const int64_t pb = (int64_t)(parent & (uint64_t)(p->n_buckets - 1));
     p->parent[g] = parent;
-    p->pchain[g] = p->pbucket[pb];
-    p->pbucket[pb] = g;
+    chain_push(p, p->bucket, p->chain, key, g);
+    chain_push(p, p->pbucket, p->pchain, parent, g);
     p->reg[g] = true;
 }

@@ -41,7 +41,7 @@ struct vlmd_sched {
     int n_active, cap_active;
     int active_seqs;
     /* admitted requests whose images are being encoded, oldest first; written by the engine
-     * thread, n_enc read under mu by nobody else */
+     * thread only, n_enc changed under mu (vlmd_sched_busy reads it) */
     vlmd_req **enc;
     int n_enc, cap_enc;
 };
@@ -166,6 +166,12 @@ static void fail_req(vlmd_req *r, vlmd_err kind, const char *msg) {
     r->finished = true;
     r->t_done = vlmd_now();
     pthread_cond_broadcast(&r->cv);
+}
+
+static void fail_locked(vlmd_req *r, vlmd_err kind, const char *msg) {
+    pthread_mutex_lock(&r->mu);
+    fail_req(r, kind, msg);
+    pthread_mutex_unlock(&r->mu);
 }
 
 static void text_append(vlmd_choice *c, const char *s, size_t n) {
@@ -315,36 +321,22 @@ static void enc_pop(vlmd_sched *s) {
 static void encode_some(vlmd_sched *s, bool cancel_all) {
     while (s->n_enc > 0) {
         vlmd_req *r = s->enc[0];
-        if (cancel_all) {
-            pthread_mutex_lock(&r->mu);
-            fail_req(r, VLMD_ERR_UNAVAILABLE, "the server is shutting down");
-            pthread_mutex_unlock(&r->mu);
-            enc_pop(s);
-            drop_req(s, r, true);
-            continue;
-        }
-        if (!still_wanted(r)) {
-            enc_pop(s);
-            drop_req(s, r, false);
-            continue;
-        }
-        char err[512];
-        bool done;
+        /* asked per request: one admitted just before makes the engine busy */
         const int slice = vlm_engine_active(s->eng) > 0 ? ENC_BLOCKS_PER_STEP : 0;
-        vlm_status st = vlmd_prompt_encode_step(s->b, &r->prompt, s->imgcache, slice, &done, err, sizeof err);
-        if (st != VLM_OK) {
-            pthread_mutex_lock(&r->mu);
-            fail_req(r, vlmd_err_from_status(st), err);
-            pthread_mutex_unlock(&r->mu);
-            enc_pop(s);
-            drop_req(s, r, false);
-            continue;
+        char err[512];
+        bool done = false, gone = true;
+        if (cancel_all) {
+            fail_locked(r, VLMD_ERR_UNAVAILABLE, "the server is shutting down");
+        } else if (still_wanted(r)) {
+            vlm_status st = vlmd_prompt_encode_step(s->b, &r->prompt, s->imgcache, slice, &done, err, sizeof err);
+            if (st != VLM_OK) fail_locked(r, vlmd_err_from_status(st), err);
+            else gone = false;
         }
-        if (!done) return;
+        if (!gone && !done) return; /* this step's slice is used */
         enc_pop(s);
-        if (admit(s, r)) activate(s, r);
-        else drop_req(s, r, false);
-        if (slice > 0) return; /* one slice per step while others decode */
+        if (!gone && admit(s, r)) activate(s, r);
+        else drop_req(s, r, cancel_all);
+        if (!gone && slice > 0) return; /* one slice per step while others decode */
     }
 }
 
@@ -510,9 +502,7 @@ static void *engine_main(void *arg) {
             vlmd_req *r = batch[i];
             bool keep = false;
             if (cancel_all) {
-                pthread_mutex_lock(&r->mu);
-                fail_req(r, VLMD_ERR_UNAVAILABLE, "the server is shutting down");
-                pthread_mutex_unlock(&r->mu);
+                fail_locked(r, VLMD_ERR_UNAVAILABLE, "the server is shutting down");
             } else if (!still_wanted(r)) {
                 keep = false;
             } else if (r->prompt.n_images > 0 && !r->prompt.images) {

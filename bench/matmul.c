@@ -193,11 +193,17 @@ int main(int argc, char **argv) {
             vlm_cpu_set_smalln_max_rows(0);
             vlm_cpu_set_gemm_min_rows(1);
             const double t_gemm = time_linear(x, cn[i], k, &w, y, mt, 30);
+            double t_gemm_amx = 0; /* the AMX GEMM, where the tiles run */
+            if (vlm_cpu_set_bf16_dot("amx") == 0) {
+                t_gemm_amx = time_linear(x, cn[i], k, &w, y, mt, 30);
+                vlm_cpu_set_bf16_dot("off");
+            }
             vlm_cpu_set_gemm_min_rows(old);
             vlm_cpu_set_smalln_max_rows(old_small);
             printf("  n=%3lld  dot-rows %7.1f   small-n %7.1f   gemm %7.1f", (long long)cn[i],
                    flop / t_dot / 1e9, flop / t_small / 1e9, flop / t_gemm / 1e9);
             if (t_small_bf16 > 0) printf("   small-n vdpbf16ps %7.1f", flop / t_small_bf16 / 1e9);
+            if (t_gemm_amx > 0) printf("   gemm amx %7.1f", flop / t_gemm_amx / 1e9);
             printf("\n");
         }
         free(wd);
@@ -207,6 +213,7 @@ int main(int argc, char **argv) {
      * describe line says whether auto picks it) */
     const bool bf16_runs = vlm_cpu_set_bf16_dot("avx512bf16") == 0;
     const double bf16_gain = bf16_runs ? vlm_bf16_dot_gain() : 0;
+    const bool amx_runs = vlm_cpu_set_bf16_dot("amx") == 0;
     vlm_cpu_set_bf16_dot("off");
     if (bf16_runs)
         printf("\nvdpbf16ps/FMA multiply-add rate on this core: %.2f (auto uses the bf16 GEMM at >= 1.15)\n",
@@ -232,6 +239,12 @@ int main(int argc, char **argv) {
             const double t_bf = time_linear(x, max_n, k, &w, y, quick ? 0.3 : 1.0, 6);
             vlm_cpu_set_bf16_dot("off");
             printf("   own avx512bf16 %7.1f (%.2fx f32)", flop / t_bf / 1e9, t_own / t_bf);
+        }
+        if (amx_runs) {
+            vlm_cpu_set_bf16_dot("amx");
+            const double t_amx = time_linear(x, max_n, k, &w, y, quick ? 0.3 : 1.0, 6);
+            vlm_cpu_set_bf16_dot("off");
+            printf("   own amx %7.1f (%.2fx f32)", flop / t_amx / 1e9, t_own / t_amx);
         }
 #ifdef VLM_HAVE_OPENBLAS
         vlm_cpu_set_gemm_backend("openblas");

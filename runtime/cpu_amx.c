@@ -28,10 +28,13 @@ static void config_fill(tile_config *c) {
     for (int t = 0; t < 8; t++) c->colsb[t] = 64, c->rows[t] = 16;
 }
 
+/* Not _tile_loadconfig: GCC 12's version gives its asm an 8-byte memory operand, so the stores that
+ * fill rows and colsb were dead to the compiler and dropped; LDTILECFG then read an all-zero shape
+ * and the first tile instruction raised #UD (seen on a Xeon with AMX). This operand is all 64 bytes. */
 __attribute__((target("amx-tile"))) void vlm_amx_begin(void) {
     tile_config c;
     config_fill(&c);
-    _tile_loadconfig(&c);
+    __asm__ volatile("ldtilecfg %0" ::"m"(c));
 }
 __attribute__((target("amx-tile"))) void vlm_amx_end(void) { _tile_release(); }
 

@@ -53,8 +53,12 @@ static int64_t s_gemm_min_rows = 8;
  * bench/matmul's table (AVX-512 48; AVX2 64 on a Zen 2, where n = 64 ran 127 GFLOP/s against the
  * GEMM's 115 and n = 96 114 against 130). */
 static int64_t s_smalln_max_rows = -1;
+static vlm_bf16_kernel s_bf16k;
 static int64_t smalln_max_rows(void) {
-    return s_smalln_max_rows >= 0 ? s_smalln_max_rows : s_path == VLM_CPU_AVX2 ? 64 : 48;
+    if (s_smalln_max_rows >= 0) return s_smalln_max_rows;
+    /* AMX: the tile small-n kernel (W read in place as A tiles) handles up to 32 rows */
+    if (s_bf16k == VLM_BF16K_AMX && s_path == VLM_CPU_AVX512) return 32;
+    return s_path == VLM_CPU_AVX2 ? 64 : 48;
 }
 /* The own GEMM is the default for every many-row product; OpenBLAS stays selectable
  * (VLMD_GEMM=openblas) for comparison. */
@@ -62,7 +66,7 @@ static bool s_gemm_own = true;
 /* The bf16 hardware GEMM kernel for BF16 weights (vlm_cpu_bf16_kernel in cpu_internal.h): the one
  * in use, auto's choice, the measured vdpbf16ps/FMA gain (0: not measured), why, and whether each
  * instruction set was found to run (-1: not tried yet). */
-static vlm_bf16_kernel s_bf16k, s_bf16k_auto;
+static vlm_bf16_kernel s_bf16k_auto;
 static double s_bf16_gain;
 static const char *s_bf16_why = "no avx512_bf16 or amx";
 static const char *s_bf16_auto_why = "no avx512_bf16 or amx";
@@ -411,7 +415,11 @@ const char *vlm_cpu_describe(void) {
         snprintf(gemm, sizeof gemm, "openblas");
     char batch[64] = "";
     const int64_t small_hi = s_path >= VLM_CPU_AVX2 ? smalln_max_rows() : 0;
-    if (small_hi >= 4)
+    const bool amx_rows = s_bf16k == VLM_BF16K_AMX || s_bf16k == VLM_BF16K_AMX_EMULATED;
+    if (amx_rows && small_hi >= 2)
+        snprintf(batch, sizeof batch, " batch(2<=n<=%lld)=%s", (long long)(small_hi < 32 ? small_hi : 32),
+                 s_bf16k == VLM_BF16K_AMX ? "amx-rows" : "amx-rows-emulated");
+    else if (small_hi >= 4)
         snprintf(batch, sizeof batch, " batch(4<=n<=%lld)=%s", (long long)small_hi,
                  s_path == VLM_CPU_AVX2 ? "smalln-avx2-4x2"
                  : vlm_cpu_bf16_kernel() == VLM_BF16K_AVX512 ? "smalln-avx512bf16-8x2" : "smalln-avx512-8x2");
@@ -624,6 +632,32 @@ static void linear_smalln(const float *x, int64_t n, int64_t k, const vlm_tensor
     }
 }
 
+/* Small n on AMX tiles: x packed once into the tile pair layout by the calling thread, then
+ * 32-row blocks of W taken dynamically (as in linear_smalln), each read once, in place. */
+static void linear_amx_rows(const float *x, int64_t n, int64_t k, const vlm_tensor *w,
+                            const vlm_tensor *bias, float *y) {
+    const int64_t m = w->shape[0], kdp = (k + 31) / 32 * 16;
+    const bool real = s_bf16k == VLM_BF16K_AMX;
+    float *xb = vlm_cpu_thread_buffer(VLM_CPU_BUF_SMALLN_X, (size_t)kdp * 32 * sizeof(float));
+    vlm_amx_pack_x(x, n, k, kdp, xb);
+    const int64_t blocks = (m + 31) / 32;
+#pragma omp parallel
+    {
+        const int64_t chunk = blocks / ((int64_t)omp_get_num_threads() * 8) > 1
+                                  ? blocks / ((int64_t)omp_get_num_threads() * 8) : 1;
+        if (real) vlm_amx_begin();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < (blocks + chunk - 1) / chunk; c++) {
+            const int64_t j0 = c * chunk * 32, j1e = (c + 1) * chunk * 32, j1 = j1e < m ? j1e : m;
+            (real ? vlm_amx_rows : vlm_amx_rows_emulated)((const uint16_t *)w->data, k, j0, j1, xb, kdp, n, y, m);
+            if (bias)
+                for (int64_t i = 0; i < n; i++)
+                    for (int64_t j = j0; j < j1; j++) y[i * m + j] += elem_at(bias->data, bias->dtype, j);
+        }
+        if (real) vlm_amx_end();
+    }
+}
+
 void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const vlm_tensor *bias,
                 float *y) {
     ensure_init();
@@ -635,6 +669,9 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
         CPU_ASSERT(bias->ndim == 1 && bias->shape[0] == m);
     }
     if (n == 0 || m == 0) return;
+    if (n >= 2 && n <= 32 && n <= smalln_max_rows() && k > 0 && w->dtype == VLM_BF16 &&
+        (s_bf16k == VLM_BF16K_AMX || s_bf16k == VLM_BF16K_AMX_EMULATED))
+        return linear_amx_rows(x, n, k, w, bias, y);
     if (n >= 4 && n <= smalln_max_rows() && k > 0 && w->dtype == VLM_BF16 && s_path >= VLM_CPU_AVX2)
         return linear_smalln(x, n, k, w, bias, y);
     if (s_gemm_min_rows > 0 && n >= s_gemm_min_rows && k > 0) {

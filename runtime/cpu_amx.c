@@ -45,6 +45,7 @@ bool vlm_amx_request(void) {
 
 /* ---- the kernel on real tiles ---- */
 #define AMX_UKR_NAME vlm_amx_ukr_32x32
+#define AMX_ROWS_NAME vlm_amx_rows
 #define AMX_UKR_ATTR __attribute__((target("amx-tile,amx-bf16")))
 #define T_ZERO(t) _tile_zero(t)
 #define T_LOAD(t, p, s) _tile_loadd(t, p, s)
@@ -52,6 +53,7 @@ bool vlm_amx_request(void) {
 #define T_STORE(t, p, s) _tile_stored(t, p, s)
 #include "runtime/cpu_amx_ukr.h"
 #undef AMX_UKR_NAME
+#undef AMX_ROWS_NAME
 #undef AMX_UKR_ATTR
 #undef T_ZERO
 #undef T_LOAD
@@ -88,9 +90,21 @@ static void emu_dp(int c, int a, int b) {
 }
 
 #define AMX_UKR_NAME vlm_amx_ukr_32x32_emulated
+#define AMX_ROWS_NAME vlm_amx_rows_emulated
 #define AMX_UKR_ATTR
 #define T_ZERO(t) emu_zero(t)
 #define T_LOAD(t, p, s) emu_load(t, p, s)
 #define T_DP(c, a, b) emu_dp(c, a, b)
 #define T_STORE(t, p, s) emu_store(t, p, s)
 #include "runtime/cpu_amx_ukr.h"
+
+void vlm_amx_pack_x(const float *x, int64_t n, int64_t k, int64_t kdp, float *xb) {
+    uint32_t *o = (uint32_t *)xb; /* read back only through tile loads */
+    memset(o, 0, (size_t)kdp * 32 * sizeof *o);
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t q = 0; 2 * q < k; q++) {
+            const uint32_t lo = vlm_f32_to_bf16(x[i * k + 2 * q]);
+            const uint32_t hi = 2 * q + 1 < k ? vlm_f32_to_bf16(x[i * k + 2 * q + 1]) : 0;
+            o[q * 32 + i] = lo | hi << 16;
+        }
+}

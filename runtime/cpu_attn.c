@@ -145,14 +145,35 @@ static float (*softmax_row_for(vlm_cpu_path path))(float *, int64_t, float, floa
     return path == VLM_CPU_AVX512 ? softmax_row_avx512 : path == VLM_CPU_AVX2 ? softmax_row_avx2 : softmax_row_scalar;
 }
 
-void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const float *q, int64_t ldq,
-                       const float *k, int64_t ldk, const float *v, int64_t ldv, float scale,
-                       int64_t causal_offset, float *out, int64_t ldo) {
+/* K and V of every KV head rounded to bf16 once, for the bf16 GEMM kernels: kb [Hkv][nk][D] (K rows
+ * are the S product's weight rows as they are) and vt [Hkv][D][nk] (V transposed, so that V's
+ * columns are the O product's weight rows). */
+static void round_kv_bf16(int64_t nk, int Hkv, int D, const float *k, int64_t ldk, const float *v,
+                          int64_t ldv, uint16_t *kb, uint16_t *vt) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < (int64_t)Hkv * nk; r++) {
+        const int64_t hk = r / nk, t = r % nk;
+        const float *kr = k + t * ldk + hk * D, *vr = v + t * ldv + hk * D;
+        uint16_t *kd = kb + r * D, *vd = vt + hk * D * nk + t;
+        for (int d = 0; d < D; d++) kd[d] = vlm_f32_to_bf16(kr[d]), vd[d * nk] = vlm_f32_to_bf16(vr[d]);
+    }
+}
+
+static void attention(int64_t nq, int64_t nk, int H, int Hkv, int D, const float *q, int64_t ldq,
+                      const float *k, int64_t ldk, const float *v, int64_t ldv, float scale,
+                      int64_t causal_offset, float *out, int64_t ldo, vlm_bf16_kernel kern) {
     ATT_ASSERT(nq >= 0 && nk >= 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0);
     ATT_ASSERT(ldq >= (int64_t)H * D && ldk >= (int64_t)Hkv * D && ldv >= (int64_t)Hkv * D &&
                ldo >= (int64_t)H * D);
     if (nq == 0) return;
     const vlm_cpu_path path = vlm_cpu_active_path();
+    uint16_t *kb = NULL, *vt = NULL;
+    if (kern != VLM_BF16K_NONE && nk > 0) {
+        kb = malloc((size_t)Hkv * (size_t)nk * (size_t)D * sizeof(uint16_t));
+        vt = malloc((size_t)Hkv * (size_t)nk * (size_t)D * sizeof(uint16_t));
+        if (kb && vt) round_kv_bf16(nk, Hkv, D, k, ldk, v, ldv, kb, vt);
+        else free(kb), free(vt), kb = vt = NULL, kern = VLM_BF16K_NONE; /* the f32 products need nothing */
+    }
     float (*const row_fn)(float *, int64_t, float, float *, float *) = softmax_row_for(path);
     const int64_t qblocks = (nq + ATT_BQ - 1) / ATT_BQ, tasks = qblocks * H;
     const int group = H / Hkv;
@@ -176,9 +197,10 @@ void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const floa
             for (int64_t j0 = 0; j0 < kend; j0 += ATT_BK) {
                 const int64_t bk = kend - j0 < ATT_BK ? kend - j0 : ATT_BK;
                 // S[bq, bk] = Q_blk . K_blkᵀ (K rows are the GEMM's weight rows)
-                const vlm_gemm_args gs = {.n = bq, .m = bk, .k = D, .a = q + i0 * ldq + (int64_t)h * D,
-                                          .lda = ldq, .b = k + j0 * ldk + (int64_t)hk * D,
-                                          .bdt = VLM_F32, .ldb = ldk, .c = S, .ldc = bk};
+                vlm_gemm_args gs = {.n = bq, .m = bk, .k = D, .a = q + i0 * ldq + (int64_t)h * D,
+                                    .lda = ldq, .b = k + j0 * ldk + (int64_t)hk * D,
+                                    .bdt = VLM_F32, .ldb = ldk, .c = S, .ldc = bk};
+                if (kb) gs.b = kb + ((int64_t)hk * nk + j0) * D, gs.bdt = VLM_BF16, gs.ldb = D, gs.bf16 = kern;
                 vlm_gemm_serial(&gs, path, scratch);
                 for (int64_t i = 0; i < bq; i++) {
                     float *srow = S + i * bk;
@@ -191,9 +213,12 @@ void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const floa
                         for (int d = 0; d < D; d++) O[i * D + d] *= corr;
                 }
                 // O[bq, D] += P[bq, bk] . V_blk[bk, D]
-                const vlm_gemm_args gv = {.n = bq, .m = D, .k = bk, .a = S, .lda = bk,
-                                          .b = v + j0 * ldv + (int64_t)hk * D, .bdt = VLM_F32,
-                                          .ldb = ldv, .b_kn = true, .c = O, .ldc = D, .accumulate = true};
+                vlm_gemm_args gv = {.n = bq, .m = D, .k = bk, .a = S, .lda = bk,
+                                    .b = v + j0 * ldv + (int64_t)hk * D, .bdt = VLM_F32,
+                                    .ldb = ldv, .b_kn = true, .c = O, .ldc = D, .accumulate = true};
+                if (vt)
+                    gv.b = vt + (int64_t)hk * D * nk + j0, gv.bdt = VLM_BF16, gv.ldb = nk, gv.b_kn = false,
+                    gv.bf16 = kern;
                 vlm_gemm_serial(&gv, path, scratch);
             }
             for (int64_t i = 0; i < bq; i++) {
@@ -204,6 +229,19 @@ void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const floa
         }
         free(S), free(O), free(mrow), free(lrow);
     }
+    free(kb), free(vt);
+}
+
+void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const float *q, int64_t ldq,
+                       const float *k, int64_t ldk, const float *v, int64_t ldv, float scale,
+                       int64_t causal_offset, float *out, int64_t ldo) {
+    attention(nq, nk, H, Hkv, D, q, ldq, k, ldk, v, ldv, scale, causal_offset, out, ldo, VLM_BF16K_NONE);
+}
+
+void vlm_attention_bf16(int64_t nq, int64_t nk, int H, int Hkv, int D, const float *q, int64_t ldq,
+                        const float *k, int64_t ldk, const float *v, int64_t ldv, float scale,
+                        int64_t causal_offset, float *out, int64_t ldo) {
+    attention(nq, nk, H, Hkv, D, q, ldq, k, ldk, v, ldv, scale, causal_offset, out, ldo, vlm_cpu_bf16_kernel());
 }
 
 /* ---- decode attention: one query row per sequence, keys in the paged KV pool ----

@@ -141,6 +141,15 @@ void vlm_amx_ukr_32x32(int64_t kdp, const float *ap, const float *bp, float *c, 
                        int nv, bool acc);
 void vlm_amx_ukr_32x32_emulated(int64_t kdp, const float *ap, const float *bp, float *c, int64_t ldc,
                                 int mv, int nv, bool acc);
+/* Small-n (2..32 rows of x) y[i * ldy + r] = x_i . W_r for rows [r0, r1) of W [.][k] bf16, with
+ * x packed by vlm_amx_pack_x (cpu_amx_ukr.h: W's rows are the A tiles, read in place). */
+void vlm_amx_rows(const uint16_t *w, int64_t k, int64_t r0, int64_t r1, const float *xb, int64_t kdp,
+                  int64_t n, float *y, int64_t ldy);
+void vlm_amx_rows_emulated(const uint16_t *w, int64_t k, int64_t r0, int64_t r1, const float *xb,
+                           int64_t kdp, int64_t n, float *y, int64_t ldy);
+/* xb[q * 32 + i] = (bf16(x[i][2q]), bf16(x[i][2q + 1])) for i < n <= 32, zero past n and k;
+ * kdp = (k + 31) / 32 * 16 pair rows. */
+void vlm_amx_pack_x(const float *x, int64_t n, int64_t k, int64_t kdp, float *xb);
 
 /* Blocked ("flash") attention, cpu_attn.c: for each head h < H and query row i < nq,
  *   out[i*ldo + h*D + d] = sum_j p_ij v[j*ldv + hk*D + d],  p_i = softmax_j(scale * q_i . k_j)
@@ -151,6 +160,13 @@ void vlm_amx_ukr_32x32_emulated(int64_t kdp, const float *ap, const float *bp, f
 void vlm_attention_f32(int64_t nq, int64_t nk, int H, int Hkv, int D, const float *q, int64_t ldq,
                        const float *k, int64_t ldk, const float *v, int64_t ldv, float scale,
                        int64_t causal_offset, float *out, int64_t ldo);
+/* The same with Q, K, P and V rounded to bf16 for the two products and the bf16 hardware GEMM
+ * kernel that vlm_linear uses (vlm_cpu_bf16_kernel(); plain vlm_attention_f32 where that is NONE).
+ * For callers whose weights are bf16: the transformers bf16 run rounds at the same points (its
+ * q, k, v and probabilities are bf16; scores and softmax are f32 here as there). */
+void vlm_attention_bf16(int64_t nq, int64_t nk, int H, int Hkv, int D, const float *q, int64_t ldq,
+                        const float *k, int64_t ldk, const float *v, int64_t ldv, float scale,
+                        int64_t causal_offset, float *out, int64_t ldo);
 
 /* Decode attention (cpu_attn.c) for one sequence's single query row and one KV head: the G query
  * heads q[g * D ..] sharing it attend over nk keys; key/value t is at kpool/vpool + (pages[t / pt] *

@@ -270,6 +270,28 @@ static void test_linear_bf16_kernels(void) {
             if (e > worst) worst = e;
         }
         fprintf(stderr, "  %s multi-block odd k: worst error %.3f of tolerance\n", label, worst);
+        if (kinds[mi] == VLM_BF16K_AVX512) continue;
+        /* the AMX small-n kernel (W rows as A tiles, 2 <= n <= 32): row blocks cut by m, k tails
+         * (the zero-padded edge copy: ASan sees a load past the weights), one or two x tiles */
+        vlm_cpu_set_smalln_max_rows(32);
+        snprintf(label, sizeof label, "%s", kinds[mi] == VLM_BF16K_AMX ? "amx-rows" : "amx-rows-emulated");
+        CHECK(strstr(vlm_cpu_describe(), label) != NULL);
+        linear_cases_x(label, 1, true);
+        const int64_t rows_shapes[][3] = {{2, 1536, 70}, {17, 1101, 33}, {32, 40, 100}, {3, 31, 64},
+                                          {16, 1025, 96}, {31, 64, 1}};
+        worst = 0;
+        for (int i = 0; i < LEN(rows_shapes); i++) {
+            const double e = linear_case(label, VLM_BF16, rows_shapes[i][0], rows_shapes[i][1],
+                                         rows_shapes[i][2], i % 3, true);
+            if (e > worst) worst = e;
+        }
+        for (int i = 0; i < LEN(SMALLN_SHAPES); i++) {
+            const double e = linear_case(label, VLM_BF16, SMALLN_SHAPES[i][0], SMALLN_SHAPES[i][1],
+                                         SMALLN_SHAPES[i][2], i % 3, true);
+            if (e > worst) worst = e;
+        }
+        fprintf(stderr, "  %s edges: worst error %.3f of tolerance\n", label, worst);
+        vlm_cpu_set_smalln_max_rows(0);
     }
     /* the vdpbf16ps small-n kernel (batched decode) at every n of the table: n < 4 stays on the
      * f32 dot-row kernels, so only n >= 4 has bf16-rounded x */
@@ -369,6 +391,39 @@ static void test_gemm_serial_in_parallel(void) {
     free(a), free(b), free(c_par), free(c_ser);
 }
 
+/* Error of o against a double-precision softmax attention over q, k, v (layouts as in
+ * vlm_attention_f32, v at k's stride): returns the largest (NaN if any output is NaN) and adds
+ * every output's error into *sum_err. */
+static double attn_ref_err(int64_t nq, int64_t nk, int H, int Hkv, int D, const float *q, int64_t ldq,
+                           const float *k, const float *v, int64_t ldk, int64_t causal, const float *o,
+                           int64_t ldo, double *sum_err) {
+    const float scale = 1.0f / sqrtf((float)D);
+    double *p = malloc((size_t)nk * sizeof(double)), worst = 0;
+    for (int h = 0; h < H; h++) {
+        const int hk = h / (H / Hkv);
+        for (int64_t i = 0; i < nq; i++) {
+            const int64_t vis = causal < 0 ? nk : (i + causal + 1 < nk ? i + causal + 1 : nk);
+            double mx = -INFINITY, sum = 0;
+            for (int64_t j = 0; j < vis; j++) {
+                double dot = 0;
+                for (int d = 0; d < D; d++) dot += (double)q[i * ldq + h * D + d] * k[j * ldk + hk * D + d];
+                p[j] = dot * scale;
+                if (p[j] > mx) mx = p[j];
+            }
+            for (int64_t j = 0; j < vis; j++) sum += (p[j] = exp(p[j] - mx));
+            for (int d = 0; d < D; d++) {
+                double ref = 0;
+                for (int64_t j = 0; j < vis; j++) ref += p[j] / sum * v[j * ldk + hk * D + d];
+                const double err = fabs(o[i * ldo + h * D + d] - ref);
+                if (!(err <= worst)) worst = err; /* NaN propagates into worst */
+                *sum_err += err;
+            }
+        }
+    }
+    free(p);
+    return worst;
+}
+
 /* Blocked attention vs a double-precision softmax reference: several query/key blocks with
  * ragged ends, GQA, causal with a cached prefix, every path this CPU runs. The output is a convex
  * combination of v rows (|v| <= 1), so an absolute tolerance fits: f32 sums of <= 300 terms plus
@@ -382,41 +437,72 @@ static void attn_case(int64_t nq, int64_t nk, int H, int Hkv, int D, int64_t cau
     for (int64_t i = 0; i < nq * ldq; i++) q[i] = 2.0f * rnd_unit();
     for (int64_t i = 0; i < nk * ldk; i++) k[i] = 2.0f * rnd_unit(), v[i] = rnd_unit();
     const float scale = 1.0f / sqrtf((float)D);
-    double *p = malloc((size_t)nk * sizeof(double));
     for (int path = 0; path < VLM_CPU_PATH_COUNT; path++) {
         if (vlm_cpu_force_path(vlm_cpu_path_name((vlm_cpu_path)path)) != 0) continue;
         for (int64_t i = 0; i < nq * ldo; i++) o[i] = NAN;
         vlm_attention_f32(nq, nk, H, Hkv, D, q, ldq, k, ldk, v, ldk, scale, causal, o, ldo);
-        double worst = 0;
-        for (int h = 0; h < H; h++) {
-            const int hk = h / (H / Hkv);
-            for (int64_t i = 0; i < nq; i++) {
-                const int64_t vis = causal < 0 ? nk : (i + causal + 1 < nk ? i + causal + 1 : nk);
-                double mx = -INFINITY, sum = 0;
-                for (int64_t j = 0; j < vis; j++) {
-                    double dot = 0;
-                    for (int d = 0; d < D; d++) dot += (double)q[i * ldq + h * D + d] * k[j * ldk + hk * D + d];
-                    p[j] = dot * scale;
-                    if (p[j] > mx) mx = p[j];
-                }
-                for (int64_t j = 0; j < vis; j++) sum += (p[j] = exp(p[j] - mx));
-                for (int d = 0; d < D; d++) {
-                    double ref = 0;
-                    for (int64_t j = 0; j < vis; j++) ref += p[j] / sum * v[j * ldk + hk * D + d];
-                    const double err = fabs(o[i * ldo + h * D + d] - ref);
-                    if (!(err <= worst)) worst = err; /* NaN propagates into worst */
-                }
-            }
-        }
+        double sum_err = 0;
+        const double worst = attn_ref_err(nq, nk, H, Hkv, D, q, ldq, k, v, ldk, causal, o, ldo, &sum_err);
         CHECKF(worst <= ATTN_ABS_TOL, "attention %s nq=%lld nk=%lld H=%d Hkv=%d D=%d causal=%lld: max err %g",
                vlm_cpu_path_name((vlm_cpu_path)path), (long long)nq, (long long)nk, H, Hkv, D,
                (long long)causal, worst);
     }
     CHECK_EQ_INT(vlm_cpu_force_path("auto"), 0);
-    free(q), free(k), free(v), free(o), free(p);
+    free(q), free(k), free(v), free(o);
+}
+
+/* vlm_attention_bf16 with each bf16 GEMM kernel this CPU runs (and the AMX C model on a small
+ * case), against a double reference on bf16-rounded q, k and v. What is left is the bf16 rounding
+ * of the probabilities entering P.V: each term's relative error is <= 2^-9, so |err| <= 2^-9 max|v|
+ * (< 1.96e-3) bounds every output; the errors have random signs, so their mean is far smaller, and
+ * that is what catches a lost or doubled key (~1/nk of |v| on every output of a row). */
+static void attn_bf16_case(const char *mode, int64_t nq, int64_t nk, int H, int Hkv, int D, int64_t causal) {
+    if (vlm_cpu_set_bf16_dot(mode) != 0) return;
+    const int64_t ldq = (int64_t)H * D + 3, ldk = (int64_t)Hkv * D + 5, ldo = (int64_t)H * D + 1;
+    float *q = malloc((size_t)(nq * ldq) * 4), *k = malloc((size_t)(nk * ldk) * 4);
+    float *v = malloc((size_t)(nk * ldk) * 4), *o = malloc((size_t)(nq * ldo) * 4);
+    for (int64_t i = 0; i < nq * ldq; i++) q[i] = 2.0f * rnd_unit();
+    for (int64_t i = 0; i < nk * ldk; i++) k[i] = 2.0f * rnd_unit(), v[i] = rnd_unit();
+    for (int64_t i = 0; i < nq * ldo; i++) o[i] = NAN;
+    const float scale = 1.0f / sqrtf((float)D);
+    vlm_attention_bf16(nq, nk, H, Hkv, D, q, ldq, k, ldk, v, ldk, scale, causal, o, ldo);
+    const float *const qkv[3] = {q, k, v};
+    const int64_t len[3] = {nq * ldq, nk * ldk, nk * ldk};
+    for (int t = 0; t < 3; t++)
+        for (int64_t i = 0; i < len[t]; i++) ((float *)qkv[t])[i] = vlm_bf16_to_f32(vlm_f32_to_bf16(qkv[t][i]));
+    double sum_err = 0;
+    const double worst = attn_ref_err(nq, nk, H, Hkv, D, q, ldq, k, v, ldk, causal, o, ldo, &sum_err);
+    const double mean = sum_err / (double)(nq * H * D);
+    CHECKF(worst <= 1.96e-3 && mean <= 3e-4, "attention bf16 %s nq=%lld nk=%lld H=%d D=%d causal=%lld: max err %g mean %g",
+           mode, (long long)nq, (long long)nk, H, D, (long long)causal, worst, mean);
+    fprintf(stderr, "  attention bf16 (%s) nq=%lld nk=%lld D=%d: max err %.2g, mean %.2g\n",
+            vlm_gemm_bf16_kernel_name(vlm_cpu_bf16_kernel()), (long long)nq, (long long)nk, D, worst, mean);
+    CHECK_EQ_INT(vlm_cpu_set_bf16_dot("off"), 0);
+    free(q), free(k), free(v), free(o);
 }
 
 static void test_attention(void) {
+    const char *bf16_modes[] = {"amx", "avx512bf16"};
+    for (int m = 0; m < LEN(bf16_modes); m++) {
+        attn_bf16_case(bf16_modes[m], 130, 300, 2, 1, 80, -1); /* the ViT's D = 80 pads k to 96 on AMX */
+        attn_bf16_case(bf16_modes[m], 140, 140, 2, 2, 64, 0);
+        attn_bf16_case(bf16_modes[m], 37, 290, 4, 2, 16, 253);
+    }
+    attn_bf16_case("amx-emulated", 40, 70, 1, 1, 24, -1);
+    /* no bf16 kernel: exactly the f32 attention */
+    {
+        const int64_t nq = 50, nk = 90, H = 2, D = 32, ld = H * D;
+        float *q = malloc((size_t)(nq * ld) * 4), *k = malloc((size_t)(nk * ld) * 4),
+              *v = malloc((size_t)(nk * ld) * 4), *o1 = malloc((size_t)(nq * ld) * 4),
+              *o2 = malloc((size_t)(nq * ld) * 4);
+        for (int64_t i = 0; i < nq * ld; i++) q[i] = rnd_unit();
+        for (int64_t i = 0; i < nk * ld; i++) k[i] = rnd_unit(), v[i] = rnd_unit();
+        vlm_cpu_set_bf16_dot("off");
+        vlm_attention_f32(nq, nk, H, H, D, q, ld, k, ld, v, ld, 0.2f, -1, o1, ld);
+        vlm_attention_bf16(nq, nk, H, H, D, q, ld, k, ld, v, ld, 0.2f, -1, o2, ld);
+        CHECK(memcmp(o1, o2, (size_t)(nq * ld) * 4) == 0);
+        free(q), free(k), free(v), free(o1), free(o2);
+    }
     attn_case(1, 1, 1, 1, 8, -1);
     attn_case(130, 300, 2, 1, 80, -1);   /* 2 query blocks, 2 key blocks, GQA 2:1 */
     attn_case(140, 140, 2, 2, 64, 0);    /* causal prefill from position 0 */

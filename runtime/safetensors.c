@@ -90,7 +90,12 @@ static vlm_status open_file(vlm_ckpt *c, const char *path, char *err, size_t err
         return vlm_errf(err, errlen, VLM_E_FORMAT, "%s: file is %zu bytes, shorter than the 8-byte header length",
                         path, size);
     }
-    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    /* MAP_POPULATE: the whole file is mapped (read if not cached) here, at load, in bulk. Without
+     * it the first forward pass took one page fault per 4 KiB of weights: `vlmd generate` of 2
+     * tokens on the 2B-size checkpoint, in the page cache, 0.76 s -> 0.54 s, and 4.15 -> 1.36 s
+     * right after other work had pushed part of it out; through the server that was the first
+     * request's 5.7 s TTFT. Best effort: pages it cannot hold are faulted later as before. */
+    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
     close(fd);
     if (map == MAP_FAILED) return vlm_errf(err, errlen, VLM_E_IO, "%s: mmap failed: %s", path, strerror(errno));
     st_file *nf = realloc(c->files, (size_t)(c->n_files + 1) * sizeof *nf);

@@ -54,6 +54,8 @@ static int64_t s_gemm_min_rows = 8;
  * GEMM's 115 and n = 96 114 against 130). */
 static int64_t s_smalln_max_rows = -1;
 static vlm_bf16_kernel s_bf16k;
+/* The AMX small-n kernel runs wherever the bf16 kernel is AMX (or its C model, in tests) */
+static bool amx_rows_on(void) { return s_bf16k == VLM_BF16K_AMX || s_bf16k == VLM_BF16K_AMX_EMULATED; }
 static int64_t smalln_max_rows(void) {
     if (s_smalln_max_rows >= 0) return s_smalln_max_rows;
     /* AMX: the tile small-n kernel (W read in place as A tiles) handles up to 32 rows */
@@ -415,8 +417,7 @@ const char *vlm_cpu_describe(void) {
         snprintf(gemm, sizeof gemm, "openblas");
     char batch[64] = "";
     const int64_t small_hi = s_path >= VLM_CPU_AVX2 ? smalln_max_rows() : 0;
-    const bool amx_rows = s_bf16k == VLM_BF16K_AMX || s_bf16k == VLM_BF16K_AMX_EMULATED;
-    if (amx_rows && small_hi >= 2)
+    if (amx_rows_on() && small_hi >= 2)
         snprintf(batch, sizeof batch, " batch(2<=n<=%lld)=%s", (long long)(small_hi < 32 ? small_hi : 32),
                  s_bf16k == VLM_BF16K_AMX ? "amx-rows" : "amx-rows-emulated");
     else if (small_hi >= 4)
@@ -582,13 +583,20 @@ void *vlm_cpu_thread_buffer(vlm_cpu_buf which, size_t bytes) {
 
 /* Small-n path: x is permuted into the kernel's weight order once (each thread a share of its
  * rows), then each thread streams a contiguous block of weight-row pairs exactly once. */
-/* Weight-row pairs per dynamically scheduled chunk of the small-n product: ~8 chunks per thread,
- * at least 16 pairs. Batch-16 decode, 2B-size, 2 threads: one static slab per thread 50.4-51.7
+/* Units (weight-row pairs, 32-row blocks) per dynamically scheduled chunk of a small-n product:
+ * ~8 chunks per thread, at least `least` (16 pairs for the small-n kernel). Batch-16 decode, 2B-size, 2 threads: one static slab per thread 50.4-51.7
  * t/s, 2 chunks/thread 53.0, 4: 53.6-55.3, 8: 54.4-54.5, 16: 55.5 (same-minute runs). */
-static int64_t smalln_chunk_pairs(int64_t pairs, int T) {
-    const int64_t c = pairs / ((int64_t)T * 8);
-    return c < 16 ? 16 : c;
+static int64_t dyn_chunk(int64_t units, int T, int64_t least) {
+    const int64_t c = units / ((int64_t)T * 8);
+    return c < least ? least : c;
 }
+
+/* y[i * m + j] += bias[j] for the rows i < n and the columns [j0, j1) one chunk wrote */
+static void add_bias_cols(float *y, int64_t n, int64_t m, int64_t j0, int64_t j1, const vlm_tensor *bias) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = j0; j < j1; j++) y[i * m + j] += elem_at(bias->data, bias->dtype, j);
+}
+
 
 static void linear_smalln(const float *x, int64_t n, int64_t k, const vlm_tensor *w,
                           const vlm_tensor *bias, float *y) {
@@ -613,7 +621,7 @@ static void linear_smalln(const float *x, int64_t n, int64_t k, const vlm_tensor
 #pragma omp barrier
         /* chunks of weight-row pairs, taken dynamically: a thread the OS preempts (HTTP threads,
          * the client on a small machine) no longer holds up the whole product at the barrier */
-        const int64_t chunk = smalln_chunk_pairs(pairs, T);
+        const int64_t chunk = dyn_chunk(pairs, T, 16);
         const int64_t nchunks = (pairs + chunk - 1) / chunk;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; c++) {
@@ -625,9 +633,7 @@ static void linear_smalln(const float *x, int64_t n, int64_t k, const vlm_tensor
                 vlm_linear_smalln_bf16((const uint16_t *)xp, n, npad, kp, k, wd, j0, j1, y, m);
             else
                 vlm_linear_smalln_avx512(xp, n, npad, kp, k, wd, j0, j1, y, m);
-            if (bias)
-                for (int64_t i = 0; i < n; i++)
-                    for (int64_t j = j0; j < j1; j++) y[i * m + j] += elem_at(bias->data, bias->dtype, j);
+            if (bias) add_bias_cols(y, n, m, j0, j1, bias);
         }
     }
 }
@@ -643,16 +649,13 @@ static void linear_amx_rows(const float *x, int64_t n, int64_t k, const vlm_tens
     const int64_t blocks = (m + 31) / 32;
 #pragma omp parallel
     {
-        const int64_t chunk = blocks / ((int64_t)omp_get_num_threads() * 8) > 1
-                                  ? blocks / ((int64_t)omp_get_num_threads() * 8) : 1;
+        const int64_t chunk = dyn_chunk(blocks, omp_get_num_threads(), 1);
         if (real) vlm_amx_begin();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < (blocks + chunk - 1) / chunk; c++) {
             const int64_t j0 = c * chunk * 32, j1e = (c + 1) * chunk * 32, j1 = j1e < m ? j1e : m;
             (real ? vlm_amx_rows : vlm_amx_rows_emulated)((const uint16_t *)w->data, k, j0, j1, xb, kdp, n, y, m);
-            if (bias)
-                for (int64_t i = 0; i < n; i++)
-                    for (int64_t j = j0; j < j1; j++) y[i * m + j] += elem_at(bias->data, bias->dtype, j);
+            if (bias) add_bias_cols(y, n, m, j0, j1, bias);
         }
         if (real) vlm_amx_end();
     }
@@ -669,8 +672,7 @@ void vlm_linear(const float *x, int64_t n, int64_t k, const vlm_tensor *w, const
         CPU_ASSERT(bias->ndim == 1 && bias->shape[0] == m);
     }
     if (n == 0 || m == 0) return;
-    if (n >= 2 && n <= 32 && n <= smalln_max_rows() && k > 0 && w->dtype == VLM_BF16 &&
-        (s_bf16k == VLM_BF16K_AMX || s_bf16k == VLM_BF16K_AMX_EMULATED))
+    if (n >= 2 && n <= 32 && n <= smalln_max_rows() && k > 0 && w->dtype == VLM_BF16 && amx_rows_on())
         return linear_amx_rows(x, n, k, w, bias, y);
     if (n >= 4 && n <= smalln_max_rows() && k > 0 && w->dtype == VLM_BF16 && s_path >= VLM_CPU_AVX2)
         return linear_smalln(x, n, k, w, bias, y);

@@ -234,11 +234,9 @@ static vlm_status attention_segment(const vlm_vit *v, const float *qkv, int64_t 
     const int64_t E = v->E;
     const float *base = qkv + s0 * 3 * E;
     /* bf16 weights: the products in bf16 as the linears do (AMX / AVX512_BF16 where they run) */
-    void (*const att)(int64_t, int64_t, int, int, int, const float *, int64_t, const float *, int64_t,
-                      const float *, int64_t, float, int64_t, float *, int64_t) =
-        v->blocks[0].qkv_w.dtype == VLM_BF16 ? vlm_attention_bf16 : vlm_attention_f32;
-    att(L, L, v->H, v->H, v->D, base, 3 * E, base + E, 3 * E, base + 2 * E, 3 * E, 1.0f / sqrtf((float)v->D),
-        -1, out + s0 * E, E);
+    (v->blocks[0].qkv_w.dtype == VLM_BF16 ? vlm_attention_bf16 : vlm_attention_f32)(
+        L, L, v->H, v->H, v->D, base, 3 * E, base + E, 3 * E, base + 2 * E, 3 * E, 1.0f / sqrtf((float)v->D), -1,
+        out + s0 * E, E);
     return VLM_OK;
 }
 
